@@ -1,0 +1,349 @@
+#!/usr/bin/env bash
+# Build the KvmSharp test guests from pinned Debian 12 packages. See guest/README.md.
+#
+#   guest/build.sh                  build (or refresh from the cache) everything into guest/out/
+#   guest/build.sh --only initrd    just one output: minimal | distro | initrd (repeatable)
+#   guest/build.sh --check          say whether guest/out/ is up to date; exit 1 if not
+#
+# Environment: KVMSHARP_CACHE (default /var/cache/kvmsharp), JOBS (default nproc),
+#              NICE (default 10).
+# Needs root (apt-get) on Debian 12 "bookworm" amd64 with its apt sources reachable.
+set -euo pipefail
+
+# ---- pins ------------------------------------------------------------------------------
+LINUX_SOURCE_PKG=linux-source-6.1
+LINUX_SOURCE_VERSION=6.1.192-2
+LINUX_IMAGE_PKG=linux-image-6.1.0-56-amd64        # built from the same 6.1.192-2 source
+LINUX_IMAGE_VERSION=6.1.192-2
+BUSYBOX_PKG=busybox-static
+BUSYBOX_VERSION=1:1.35.0-4+deb12u1+b1
+BUILD_DEPS=(build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils kmod
+            binutils dwarves python3)
+
+# Bump a recipe string when the way an output is made changes (it is part of the cache key).
+RECIPE_MINIMAL=1
+RECIPE_INITRD=1
+RECIPE_DISTRO=1
+
+# Distro-kernel modules for the initramfs (dependencies are added from modules.dep).
+# Not crc32c_intel: it uses the SSE4.2 crc32 instruction, which PVM's emulator cannot run
+# in ring 0; ext4 finds crc32c_generic instead.
+DISTRO_MODULES=(virtio_pci virtio_blk virtio_net virtio_rng virtio_console virtio_balloon
+                vmw_vsock_virtio_transport crc32c_generic ext4)
+
+# Options the minimal kernel's final .config must have (checked after olddefconfig).
+MINIMAL_REQUIRED_Y=(64BIT SMP PVH PRINTK TTY SERIAL_8250 SERIAL_8250_CONSOLE BLK_DEV_INITRD
+  DEVTMPFS DEVTMPFS_MOUNT PROC_FS SYSFS TMPFS BINFMT_ELF BINFMT_SCRIPT PCI PCI_MSI ACPI
+  VIRTIO_PCI VIRTIO_MMIO VIRTIO_MMIO_CMDLINE_DEVICES VIRTIO_BLK VIRTIO_NET HW_RANDOM_VIRTIO
+  VIRTIO_CONSOLE VIRTIO_BALLOON EXT4_FS NET INET PACKET UNIX SERIO_I8042 KEYBOARD_ATKBD
+  RTC_DRV_CMOS HZ_100 NO_HZ_IDLE KVM_GUEST PARAVIRT HYPERVISOR_GUEST X86_X2APIC X86_MPPARSE
+  KERNEL_GZIP MAGIC_SYSRQ CRYPTO_CRC32C)
+MINIMAL_REQUIRED_OFF=(MODULES FTRACE FUNCTION_TRACER KPROBES DEBUG_WX RANDOMIZE_BASE
+  CRYPTO_CRC32C_INTEL CRYPTO_AES_NI_INTEL RAID6_PQ XOR_BLOCKS SOUND USB_SUPPORT DRM WLAN
+  WIRELESS NFS_FS SCHED_DEBUG DEBUG_INFO LOCKDEP KASAN UBSAN STACKPROTECTOR
+  PAGE_TABLE_ISOLATION RETPOLINE)
+
+# ---- paths -----------------------------------------------------------------------------
+GUEST_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+OUT=$GUEST_DIR/out
+CACHE=${KVMSHARP_CACHE:-/var/cache/kvmsharp}
+JOBS=${JOBS:-$(nproc)}
+NICE=${NICE:-10}
+export DEBIAN_FRONTEND=noninteractive LC_ALL=C
+
+log()  { printf '[guest/build] %s\n' "$*" >&2; }
+die()  { printf '[guest/build] ERROR: %s\n' "$*" >&2; exit 1; }
+run()  { log "+ $*"; "$@"; }
+sha()  { sha256sum | cut -c1-16; }
+
+usage() { sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+
+CHECK=0
+ONLY=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --check) CHECK=1 ;;
+        --only) [ $# -ge 2 ] || die "--only needs an argument"; ONLY+=("$2"); shift ;;
+        --only=*) ONLY+=("${1#--only=}") ;;
+        -h|--help) usage; exit 0 ;;
+        *) usage >&2; die "unknown argument: $1" ;;
+    esac
+    shift
+done
+[ ${#ONLY[@]} -gt 0 ] || ONLY=(initrd minimal distro)
+for t in "${ONLY[@]}"; do
+    case "$t" in minimal|distro|initrd) ;; *) die "--only: unknown output '$t' (minimal|distro|initrd)" ;; esac
+done
+wanted() { local t; for t in "${ONLY[@]}"; do [ "$t" = "$1" ] && return 0; done; return 1; }
+
+# ---- cache keys (from pins + committed inputs only; no apt or network needed) ------------
+key_initrd()  { { echo "$RECIPE_INITRD $BUSYBOX_PKG=$BUSYBOX_VERSION"; cat "$GUEST_DIR/init"; } | sha; }
+key_minimal() { { echo "$RECIPE_MINIMAL $LINUX_SOURCE_PKG=$LINUX_SOURCE_VERSION";
+                  printf '%s\n' "${MINIMAL_REQUIRED_Y[@]}" "${MINIMAL_REQUIRED_OFF[@]}";
+                  cat "$GUEST_DIR/minimal.config"; } | sha; }
+key_distro()  { { echo "$RECIPE_DISTRO $LINUX_IMAGE_PKG=$LINUX_IMAGE_VERSION";
+                  echo "$BUSYBOX_PKG=$BUSYBOX_VERSION ${DISTRO_MODULES[*]}";
+                  cat "$GUEST_DIR/init"; } | sha; }
+
+files_initrd=(initrd.cpio)
+files_minimal=(minimal/vmlinux minimal/bzImage minimal/config minimal/System.map)
+files_distro=(distro/vmlinuz distro/initrd.cpio distro/config distro/System.map distro/modules.txt)
+
+# out/<what>.key holds the key the files in out/ came from.
+up_to_date() { # what key
+    local f arr="files_$1[@]"
+    [ "$(cat "$OUT/.$1.key" 2>/dev/null)" = "$2" ] || return 1
+    for f in "${!arr}"; do [ -s "$OUT/$f" ] || return 1; done
+}
+
+if [ "$CHECK" = 1 ]; then
+    stale=0
+    for t in "${ONLY[@]}"; do
+        k=$(key_"$t")
+        if up_to_date "$t" "$k"; then
+            echo "$t: up to date (key $k)"
+        elif [ -f "$CACHE/$t/$k/DONE" ]; then
+            echo "$t: stale in guest/out, but built in the cache ($CACHE/$t/$k): rerun build.sh to copy"; stale=1
+        else
+            echo "$t: needs building (key $k)"; stale=1
+        fi
+    done
+    exit $stale
+fi
+
+[ "$(id -u)" = 0 ] || die "run as root (apt-get install/download; writes $CACHE)"
+[ "$(dpkg --print-architecture)" = amd64 ] || die "amd64 only"
+mkdir -p "$OUT" "$CACHE"/{debs,src,build}
+
+# Copy a finished cache dir's files into out/ and record the key.
+publish() { # what key
+    local f arr="files_$1[@]" src="$CACHE/$1/$2"
+    for f in "${!arr}"; do
+        mkdir -p "$(dirname "$OUT/$f")"
+        cp -f "$src/$(basename "$f")" "$OUT/$f.tmp"
+        mv -f "$OUT/$f.tmp" "$OUT/$f"
+    done
+    echo "$2" > "$OUT/.$1.key"
+    log "$1: guest/out/ <- $src"
+}
+
+# ---- apt helpers -------------------------------------------------------------------------
+APT_UPDATED=0
+apt_update_once() {
+    [ "$APT_UPDATED" = 1 ] && return 0
+    run apt-get update -q -o DPkg::Lock::Timeout=600 >&2
+    APT_UPDATED=1
+}
+# apt knows pkg=version? If not, update the lists once and ask again.
+apt_has() {
+    apt-cache show "$1=$2" >/dev/null 2>&1 && return 0
+    apt_update_once
+    apt-cache show "$1=$2" >/dev/null 2>&1
+}
+ensure_build_deps() {
+    local p missing=()
+    for p in "${BUILD_DEPS[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    apt_update_once
+    run apt-get install -y -q --no-install-recommends -o DPkg::Lock::Timeout=600 "${missing[@]}" >&2
+}
+# Download pkg=version into the cache (once); print the .deb's path. No installation.
+fetch_deb() { # pkg version
+    local deb="$CACHE/debs/$1_${2//:/%3a}_amd64.deb" tmp
+    if [ ! -s "$deb" ]; then
+        apt_has "$1" "$2" || die "apt does not offer $1=$2 (pins in guest/build.sh are out of date? 'apt-cache policy $1')"
+        tmp=$(mktemp -d "$CACHE/debs/.dl.XXXXXX")
+        chmod 755 "$tmp"
+        chown _apt "$tmp" 2>/dev/null || true    # lets apt download sandboxed (as _apt)
+        log "+ apt-get download $1=$2"
+        (cd "$tmp" && apt-get download -q "$1=$2" >&2)
+        mv -f "$tmp"/*.deb "$deb"
+        rm -rf "$tmp"
+    fi
+    [ "$(dpkg-deb -f "$deb" Package)" = "$1" ] && [ "$(dpkg-deb -f "$deb" Version)" = "$2" ] \
+        || die "$deb is not $1=$2"
+    echo "$deb"
+}
+# Unpack a .deb into the cache (once); print the directory.
+unpack_deb() { # pkg version
+    local dir="$CACHE/src/$1_${2//:/_}" deb
+    if [ ! -f "$dir/.unpacked" ]; then
+        deb=$(fetch_deb "$1" "$2")
+        rm -rf "$dir"; mkdir -p "$dir"
+        run dpkg-deb -x "$deb" "$dir"
+        touch "$dir/.unpacked"
+    fi
+    echo "$dir"
+}
+
+# ---- initramfs -----------------------------------------------------------------------------
+# Stage the busybox initramfs tree in $1 (extra files may be added by the caller).
+stage_busybox_root() { # dir
+    local root=$1 bb
+    bb=$(unpack_deb "$BUSYBOX_PKG" "$BUSYBOX_VERSION")/bin/busybox
+    [ -x "$bb" ] || die "no bin/busybox in $BUSYBOX_PKG"
+    rm -rf "$root"
+    mkdir -p "$root"/{bin,dev,etc,proc,sys,tmp,run,mnt,root,lib}
+    cp "$bb" "$root/bin/busybox"
+    ln -s busybox "$root/bin/sh"
+    install -m 0755 "$GUEST_DIR/init" "$root/init"
+    mknod -m 600 "$root/dev/console" c 5 1
+    mknod -m 666 "$root/dev/null" c 1 3
+}
+# Pack a staged tree into an uncompressed newc cpio, reproducibly (sorted, owner 0, fixed mtime).
+pack_cpio() { # dir out.cpio
+    find "$1" -exec touch -h -d @0 {} +
+    (cd "$1" && find . -mindepth 1 -printf '%P\n' | LC_ALL=C sort \
+        | cpio --quiet -o -H newc -R 0:0 --reproducible) > "$2.tmp"
+    mv -f "$2.tmp" "$2"
+}
+
+build_initrd() {
+    local key dir
+    key=$(key_initrd); dir=$CACHE/initrd/$key
+    if up_to_date initrd "$key"; then log "initrd: up to date ($key)"; return; fi
+    if [ ! -f "$dir/DONE" ]; then
+        log "initrd: building $dir from $BUSYBOX_PKG=$BUSYBOX_VERSION"
+        command -v cpio >/dev/null || ensure_build_deps
+        rm -rf "$dir"; mkdir -p "$dir"
+        stage_busybox_root "$dir/root"
+        pack_cpio "$dir/root" "$dir/initrd.cpio"
+        rm -rf "$dir/root"
+        touch "$dir/DONE"
+    fi
+    publish initrd "$key"
+    log "initrd: $(stat -c %s "$OUT/initrd.cpio") bytes, uncompressed newc"
+}
+
+# ---- minimal kernel ------------------------------------------------------------------------
+check_minimal_config() { # .config
+    local o bad=0
+    for o in "${MINIMAL_REQUIRED_Y[@]}"; do
+        grep -qx "CONFIG_$o=y" "$1" || { log "config: CONFIG_$o is not =y"; bad=1; }
+    done
+    for o in "${MINIMAL_REQUIRED_OFF[@]}"; do
+        grep -q "^CONFIG_$o=" "$1" && { log "config: CONFIG_$o should be off"; bad=1; }
+    done
+    local n; n=$(sed -n 's/^CONFIG_NR_CPUS=//p' "$1")
+    [ "${n:-0}" -ge 64 ] || { log "config: NR_CPUS=$n < 64"; bad=1; }
+    # No SIMD/asm-accelerated crypto built in (PVM cannot emulate SSE/AVX/AES-NI in ring 0).
+    if grep -E '^CONFIG_CRYPTO_.*(_X86_64|_INTEL|_NI|_SSSE3|_SSE2|_AVX|_AVX2|_PCLMUL|_X86)=y' "$1"; then
+        log "config: SIMD crypto enabled"; bad=1
+    fi
+    [ $bad = 0 ] || die "minimal kernel config does not meet the requirements (see above)"
+}
+
+build_minimal() {
+    local key dir src bld t0 t1
+    key=$(key_minimal); dir=$CACHE/minimal/$key
+    if up_to_date minimal "$key"; then log "minimal: up to date ($key)"; return; fi
+    if [ ! -f "$dir/DONE" ]; then
+        log "minimal: building kernel $dir from $LINUX_SOURCE_PKG=$LINUX_SOURCE_VERSION"
+        ensure_build_deps
+        src=$CACHE/src/$LINUX_SOURCE_PKG-$LINUX_SOURCE_VERSION
+        if [ ! -f "$src/.extracted" ]; then
+            local pkg; pkg=$(unpack_deb "$LINUX_SOURCE_PKG" "$LINUX_SOURCE_VERSION")
+            rm -rf "$src"; mkdir -p "$src"
+            run tar -C "$src" --strip-components=1 -xf "$pkg/usr/src/$LINUX_SOURCE_PKG.tar.xz"
+            touch "$src/.extracted"
+            rm -rf "$pkg"    # the .deb stays in $CACHE/debs
+        fi
+        bld=$CACHE/build/minimal
+        mkdir -p "$bld"
+        rm -f "$bld/.config"
+        run make -s -C "$src" O="$bld" ARCH=x86_64 KCONFIG_ALLCONFIG="$GUEST_DIR/minimal.config" allnoconfig
+        run make -s -C "$src" O="$bld" ARCH=x86_64 olddefconfig
+        check_minimal_config "$bld/.config"
+        t0=$(date +%s)
+        log "+ nice -n $NICE make -j$JOBS bzImage (log: $bld/build.log)"
+        if ! nice -n "$NICE" make -C "$bld" ARCH=x86_64 -j"$JOBS" bzImage > "$bld/build.log" 2>&1; then
+            tail -40 "$bld/build.log" >&2; die "minimal kernel build failed (full log: $bld/build.log)"
+        fi
+        t1=$(date +%s)
+        log "minimal: kernel built in $((t1 - t0)) s with -j$JOBS"
+        readelf -n "$bld/vmlinux" | grep -A1 -w Xen | grep -q '0x00000012' \
+            || die "vmlinux has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)"
+        rm -rf "$dir"; mkdir -p "$dir"
+        cp "$bld/vmlinux" "$dir/vmlinux"
+        cp "$bld/arch/x86/boot/bzImage" "$dir/bzImage"
+        cp "$bld/.config" "$dir/config"
+        cp "$bld/System.map" "$dir/System.map"
+        echo "$((t1 - t0)) s, make -j$JOBS, $(nproc) cpus, $(date -u +%FT%TZ)" > "$dir/build-time.txt"
+        touch "$dir/DONE"
+    fi
+    publish minimal "$key"
+}
+
+# ---- distro kernel + initramfs with its modules ----------------------------------------------
+build_distro() {
+    local key dir pkg kver mdir root m f name
+    key=$(key_distro); dir=$CACHE/distro/$key
+    if up_to_date distro "$key"; then log "distro: up to date ($key)"; return; fi
+    if [ ! -f "$dir/DONE" ]; then
+        log "distro: building $dir from $LINUX_IMAGE_PKG=$LINUX_IMAGE_VERSION (not installed: dpkg -x)"
+        command -v depmod >/dev/null && command -v cpio >/dev/null || ensure_build_deps
+        pkg=$(unpack_deb "$LINUX_IMAGE_PKG" "$LINUX_IMAGE_VERSION")
+        kver=$(ls "$pkg/lib/modules")
+        [ "$(echo "$kver" | wc -l)" = 1 ] || die "expected one kernel version in $pkg/lib/modules"
+        mdir=$pkg/lib/modules/$kver
+        [ -f "$mdir/modules.dep" ] || run depmod -b "$pkg" "$kver"
+        rm -rf "$dir"; mkdir -p "$dir"
+        root=$dir/root
+        stage_busybox_root "$root"
+        mkdir -p "$root/lib/modules"
+
+        # Can this kernel load compressed modules itself? Otherwise decompress them here.
+        local cfg=$pkg/boot/config-$kver decompress=1
+        grep -qx 'CONFIG_MODULE_DECOMPRESS=y' "$cfg" && decompress=0
+
+        # Resolve DISTRO_MODULES and their dependencies (modules.dep), depth-first: deps first.
+        local -A seen=()
+        local order=()
+        resolve() { # module path relative to $mdir
+            local p=$1 d
+            [ -n "${seen[$p]:-}" ] && return 0
+            seen[$p]=1
+            for d in $(sed -n "s|^${p//./\\.}: *||p" "$mdir/modules.dep"); do resolve "$d"; done
+            order+=("$p")
+        }
+        for m in "${DISTRO_MODULES[@]}"; do
+            local re=${m//[-_]/[-_]}
+            if grep -Eq "/$re\.ko(\.[a-z]+)?\$" "$mdir/modules.builtin"; then
+                log "distro: $m is built into the kernel"; continue
+            fi
+            f=$(grep -Eo "^[^:]*/$re\.ko(\.[a-z]+)?:" "$mdir/modules.dep" | head -1 | tr -d :)
+            [ -n "$f" ] || die "distro: module $m not found in $kver"
+            resolve "$f"
+        done
+        : > "$root/etc/modules"
+        for f in "${order[@]}"; do
+            name=$(basename "$f")
+            case "$name" in
+                *.ko) cp "$mdir/$f" "$root/lib/modules/$name" ;;
+                *.ko.xz)  if [ $decompress = 1 ]; then xz -dc "$mdir/$f" > "$root/lib/modules/${name%.xz}"; name=${name%.xz}; else cp "$mdir/$f" "$root/lib/modules/$name"; fi ;;
+                *.ko.gz)  if [ $decompress = 1 ]; then gzip -dc "$mdir/$f" > "$root/lib/modules/${name%.gz}"; name=${name%.gz}; else cp "$mdir/$f" "$root/lib/modules/$name"; fi ;;
+                *.ko.zst) if [ $decompress = 1 ]; then zstd -qdc "$mdir/$f" > "$root/lib/modules/${name%.zst}"; name=${name%.zst}; else cp "$mdir/$f" "$root/lib/modules/$name"; fi ;;
+                *) die "unexpected module file $f" ;;
+            esac
+            echo "$name" >> "$root/etc/modules"
+        done
+        log "distro: modules in load order: $(tr '\n' ' ' < "$root/etc/modules")"
+        pack_cpio "$root" "$dir/initrd.cpio"
+        cp "$root/etc/modules" "$dir/modules.txt"
+        rm -rf "$root"
+        cp "$pkg/boot/vmlinuz-$kver" "$dir/vmlinuz"
+        cp "$cfg" "$dir/config"
+        cp "$pkg/boot/System.map-$kver" "$dir/System.map"
+        echo "$kver" > "$dir/kernel-release"
+        touch "$dir/DONE"
+    fi
+    publish distro "$key"
+    log "distro: initrd.cpio $(stat -c %s "$OUT/distro/initrd.cpio") bytes, uncompressed newc"
+}
+
+wanted initrd  && build_initrd
+wanted minimal && build_minimal
+wanted distro  && build_distro
+log "done: $(cd "$GUEST_DIR" && ls -d out/initrd.cpio out/minimal out/distro 2>/dev/null | tr '\n' ' ')"
