@@ -1,0 +1,31 @@
+namespace KvmSharp.Images;
+
+/// <summary>
+/// A disk back end addressed in bytes. Implementations are thread-safe and do not allocate per call
+/// (compressed qcow2 clusters excepted; see README).
+/// </summary>
+public interface IBlockDevice : IDisposable
+{
+    /// <summary>Virtual disk size in bytes.</summary>
+    ulong Size { get; }
+
+    /// <summary>True when <see cref="Write"/>, <see cref="Discard"/> and <see cref="WriteZeroes"/> throw.</summary>
+    bool ReadOnly { get; }
+
+    /// <summary>Reads <c>buffer.Length</c> bytes at <paramref name="offset"/>; returns the count read (always the full length).</summary>
+    /// <exception cref="ImageException">OutOfBounds when the range leaves the disk; Corrupt or Io otherwise.</exception>
+    int Read(Span<byte> buffer, ulong offset);
+
+    /// <summary>Writes <paramref name="data"/> at <paramref name="offset"/>. Durable only after <see cref="Flush"/>.</summary>
+    /// <exception cref="ImageException">ReadOnly, OutOfBounds, Corrupt or Io.</exception>
+    void Write(ReadOnlySpan<byte> data, ulong offset);
+
+    /// <summary>Makes every completed write durable (metadata written in crash-safe order, then fsync).</summary>
+    void Flush();
+
+    /// <summary>Drops the range's data where possible; afterwards the range reads as zeros.</summary>
+    void Discard(ulong offset, ulong length);
+
+    /// <summary>Makes the range read as zeros, without writing data where the format allows.</summary>
+    void WriteZeroes(ulong offset, ulong length);
+}
