@@ -87,7 +87,7 @@ public static class BlockDeviceFactory
         }
     }
 
-    internal static Qcow2Image OpenQcow2(string path, bool readOnly)
+    internal static Qcow2Image OpenQcow2(string path, bool readOnly, bool allowCorrupt = false)
     {
         Microsoft.Win32.SafeHandles.SafeFileHandle h;
         try
@@ -105,7 +105,7 @@ public static class BlockDeviceFactory
             byte[] buf = new byte[(int)Math.Min(len, 1 << Qcow2Const.MaxClusterBits)];
             int n = RandomAccess.Read(h, buf, 0);
             var hdr = Qcow2Header.Parse(buf.AsSpan(0, n), len, path);
-            return new Qcow2Image(h, path, hdr, readOnly);
+            return new Qcow2Image(h, path, hdr, readOnly, allowCorrupt);
         }
         catch
         {

@@ -58,7 +58,7 @@ public sealed class Qcow2Image : IBlockDevice
     public IBlockDevice? Backing { get; internal set; }
     public int ClusterSize => _cs;
 
-    internal Qcow2Image(SafeFileHandle file, string path, Qcow2Header h, bool readOnly)
+    internal Qcow2Image(SafeFileHandle file, string path, Qcow2Header h, bool readOnly, bool allowCorrupt = false)
     {
         _file = file;
         _path = path;
@@ -95,7 +95,7 @@ public sealed class Qcow2Image : IBlockDevice
 
         if (!readOnly)
         {
-            if ((h.Incompatible & Qcow2Const.IncompatCorrupt) != 0)
+            if ((h.Incompatible & Qcow2Const.IncompatCorrupt) != 0 && !allowCorrupt)
                 ThrowHelper.Throw(ImageErrorKind.Corrupt, path, "image is marked corrupt; open it read-only or repair it with 'check -r all'", 72);
             // qcow2.txt "autoclear_features": a writer that does not maintain a feature clears its bit.
             // We do not update bitmaps, so they become invalid (bit 0); unknown bits are cleared too.
@@ -940,6 +940,79 @@ public sealed class Qcow2Image : IBlockDevice
             Size = newSize;
             FlushMetadata();
             Sync();
+        }
+    }
+
+    // ---------------------------------------------------------------- compressed writes and unmapping
+
+    private ulong _compCursor; // next free byte in the cluster holding the last compressed data, or 0
+
+    /// <summary>Writes one whole virtual cluster compressed (convert -c). Falls back to a normal write when
+    /// compression does not help. qcow2.txt "Compressed Clusters Descriptor".</summary>
+    internal void WriteCompressedCluster(ulong vc, ReadOnlySpan<byte> cluster)
+    {
+        lock (_lock)
+        {
+            var dst = _compBuf.AsSpan(0, _cs);
+            int len;
+            if (Header.CompressionType == 1)
+            {
+                using var c = new ZstdSharp.Compressor(3);
+                len = c.TryWrap(cluster, dst, out int w) ? w : -1;
+            }
+            else len = Zlib.CompressRaw12(cluster, dst);
+            if (len <= 0 || len >= _cs - 512)
+            {
+                WriteChunkWhole(cluster, vc);
+                return;
+            }
+            ulong off;
+            ulong cursorCluster = _compCursor >> _cb;
+            if (_compCursor != 0 && (_compCursor & _cmask) != 0 && ((_compCursor + (ulong)len - 1) >> _cb) == cursorCluster)
+            {
+                off = _compCursor; // shares the cluster: one more reference
+                SetRefcount(cursorCluster, GetRefcount(cursorCluster) + 1);
+            }
+            else
+            {
+                off = AllocateCluster();
+            }
+            PWrite(dst[..len], off);
+            _compCursor = off + (ulong)len;
+            int x = 62 - (_cb - 8);
+            ulong extra = ((off + (ulong)len - 1) >> 9) - (off >> 9);
+            ulong e = Qcow2Const.CompressedFlag | (extra << x) | off;
+            int slot = GetL2ForWrite(vc >> _l2Bits);
+            int ei = (int)(vc & (ulong)(_l2Entries - 1)) * _entrySize;
+            var t = _l2.Span(slot);
+            ulong old = BinaryPrimitives.ReadUInt64BigEndian(t[ei..]);
+            SetEntry(slot, ei, e, 0);
+            if ((old & Qcow2Const.CompressedFlag) != 0) DeferFreeCompressed(old);
+            else if ((old & Qcow2Const.OffsetMask) != 0) DeferFree(old & Qcow2Const.OffsetMask);
+        }
+    }
+
+    private void WriteChunkWhole(ReadOnlySpan<byte> cluster, ulong vc)
+    {
+        int n = (int)Math.Min((ulong)_cs, Size - (vc << _cb));
+        WriteChunk(cluster[..n], vc << _cb);
+    }
+
+    /// <summary>Makes a virtual cluster unallocated again, so reads fall through to the backing file.</summary>
+    internal void UnmapCluster(ulong vc)
+    {
+        lock (_lock)
+        {
+            ulong l1i = vc >> _l2Bits;
+            if ((_l1[l1i] & Qcow2Const.OffsetMask) == 0) return;
+            int slot = GetL2ForWrite(l1i);
+            int ei = (int)(vc & (ulong)(_l2Entries - 1)) * _entrySize;
+            ulong e = BinaryPrimitives.ReadUInt64BigEndian(_l2.Span(slot)[ei..]);
+            ulong bm = _ext ? BinaryPrimitives.ReadUInt64BigEndian(_l2.Span(slot)[(ei + 8)..]) : 0;
+            if (e == 0 && bm == 0) return;
+            if ((e & Qcow2Const.CompressedFlag) != 0) DeferFreeCompressed(e);
+            else if ((e & Qcow2Const.OffsetMask) != 0) DeferFree(e & Qcow2Const.OffsetMask);
+            SetEntry(slot, ei, 0, 0);
         }
     }
 

@@ -1,0 +1,114 @@
+using System.Globalization;
+
+namespace KvmSharp.Images.Tool;
+
+/// <summary>Minimal getopt for qemu-img syntax: short options (with or without attached values), long options, positionals.</summary>
+internal sealed class ImgArgs
+{
+    public readonly Dictionary<string, string?> Options = new(StringComparer.Ordinal);
+    public readonly List<string> Positional = new();
+
+    /// <param name="withValue">Option names taking a value, e.g. "f", "O", "output".</param>
+    public static ImgArgs Parse(string[] args, string[] withValue, string[] flags)
+    {
+        var r = new ImgArgs();
+        for (int i = 0; i < args.Length; i++)
+        {
+            string a = args[i];
+            if (a == "--") { r.Positional.AddRange(args[(i + 1)..]); break; }
+            if (a.StartsWith("--", StringComparison.Ordinal) && a.Length > 2)
+            {
+                string name = a[2..];
+                string? val = null;
+                int eq = name.IndexOf('=', StringComparison.Ordinal);
+                if (eq >= 0) { val = name[(eq + 1)..]; name = name[..eq]; }
+                if (Array.IndexOf(withValue, name) >= 0)
+                {
+                    if (val is null)
+                    {
+                        if (i + 1 >= args.Length) throw Bad($"option '--{name}' requires an argument");
+                        val = args[++i];
+                    }
+                }
+                else if (Array.IndexOf(flags, name) < 0) throw Bad($"unrecognized option '--{name}'");
+                r.Options[name] = val;
+                continue;
+            }
+            if (a.StartsWith('-') && a.Length > 1)
+            {
+                for (int j = 1; j < a.Length; j++)
+                {
+                    string name = a[j].ToString();
+                    if (Array.IndexOf(withValue, name) >= 0)
+                    {
+                        string val;
+                        if (j + 1 < a.Length) val = a[(j + 1)..];
+                        else if (i + 1 < args.Length) val = args[++i];
+                        else throw Bad($"option requires an argument -- '{name}'");
+                        // -o may repeat: options accumulate, comma separated
+                        r.Options[name] = name == "o" && r.Options.TryGetValue("o", out var prev) && prev is not null ? prev + "," + val : val;
+                        break;
+                    }
+                    if (Array.IndexOf(flags, name) < 0) throw Bad($"invalid option -- '{name}'");
+                    r.Options[name] = null;
+                }
+                continue;
+            }
+            r.Positional.Add(a);
+        }
+        return r;
+    }
+
+    public bool Has(string name) => Options.ContainsKey(name);
+    public string? Get(string name) => Options.TryGetValue(name, out var v) ? v : null;
+
+    public static ImageException Bad(string message) => new(ImageErrorKind.InvalidArgument, null, message);
+
+    /// <summary>qemu size syntax: a number with optional k/K, M, G, T, P, E suffix (binary); fractions allowed.</summary>
+    public static ulong ParseSize(string s)
+    {
+        s = s.Trim();
+        if (s.Length == 0) throw Bad("empty size");
+        ulong mult = 1;
+        char c = s[^1];
+        int shift = char.ToUpperInvariant(c) switch { 'B' => 0, 'K' => 10, 'M' => 20, 'G' => 30, 'T' => 40, 'P' => 50, 'E' => 60, _ => -1 };
+        if (shift >= 0) { mult = 1UL << shift; s = s[..^1]; }
+        if (ulong.TryParse(s, NumberStyles.None, CultureInfo.InvariantCulture, out ulong n))
+        {
+            if (n > ulong.MaxValue / mult) throw Bad("size too large");
+            return n * mult;
+        }
+        if (double.TryParse(s, NumberStyles.AllowDecimalPoint, CultureInfo.InvariantCulture, out double d) && d >= 0)
+        {
+            double v = d * mult;
+            if (v >= 1.8e19) throw Bad("size too large");
+            return (ulong)v;
+        }
+        throw Bad($"invalid size '{s}'");
+    }
+
+    /// <summary>qemu's size_to_str: three significant digits in the largest unit below 1000.</summary>
+    public static string HumanSize(ulong v)
+    {
+        string[] suffix = { "B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB" };
+        if (v < 1000) return v.ToString(CultureInfo.InvariantCulture) + " B";
+        int e = Math.ILogB(v / (1000.0 / 1024.0)) + 1;
+        int i = (e - 1) / 10;
+        double scaled = v / Math.Pow(2, 10 * i);
+        return scaled.ToString("G3", CultureInfo.InvariantCulture) + " " + suffix[i];
+    }
+
+    /// <summary>Parses "-o a=b,c=d" into pairs (qemu escapes commas by doubling; not needed for our keys).</summary>
+    public static List<(string Key, string Value)> ParseOptions(string? o)
+    {
+        var list = new List<(string, string)>();
+        if (string.IsNullOrEmpty(o)) return list;
+        foreach (var part in o.Split(',', StringSplitOptions.RemoveEmptyEntries))
+        {
+            int eq = part.IndexOf('=', StringComparison.Ordinal);
+            if (eq < 0) list.Add((part, "on"));
+            else list.Add((part[..eq], part[(eq + 1)..]));
+        }
+        return list;
+    }
+}
