@@ -4,7 +4,6 @@ using SharpCompress.Compressors;
 using ScCompressionMode = SharpCompress.Compressors.CompressionMode;
 using SharpCompress.Compressors.BZip2;
 using SharpCompress.Compressors.LZMA;
-using SharpCompress.Compressors.Xz;
 using ZstdSharp;
 
 namespace KvmSharp.Boot;
@@ -64,7 +63,7 @@ internal static class PayloadDecompressor
             return format switch
             {
                 "gzip" => ReadAll(new GZipStream(new MemoryStream(data, offset, streamLength, writable: false), System.IO.Compression.CompressionMode.Decompress), sizeHint, format, name),
-                "xz" => ReadAll(new XZStream(new MemoryStream(data, offset, streamLength, writable: false)), sizeHint, format, name),
+                "xz" => XzDecoder.Decode(data.AsSpan(offset, streamLength), MaxOutput, name),
                 "bzip2" => ReadAll(BZip2Stream.Create(new MemoryStream(data, offset, streamLength, writable: false), ScCompressionMode.Decompress, false, false, false), sizeHint, format, name),
                 "lzma" => DecompressLzma(data, offset, streamLength, sizeHint, name),
                 "zstd" => ReadAll(new DecompressionStream(new MemoryStream(data, offset, streamLength, writable: false), 1 << 17, true, false), sizeHint, format, name),
