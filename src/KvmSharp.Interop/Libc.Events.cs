@@ -18,7 +18,7 @@ public static unsafe partial class Libc
 
     /// <summary>struct epoll_event is packed on x86-64.</summary>
     [StructLayout(LayoutKind.Sequential, Pack = 1)]
-    public struct epoll_event
+    public struct EpollEvent
     {
         public uint events;
         public ulong data;
@@ -31,10 +31,10 @@ public static unsafe partial class Libc
     private static partial int epoll_create1_(int flags);
 
     [LibraryImport(LibraryName, EntryPoint = "epoll_ctl", SetLastError = true)]
-    public static partial int epoll_ctl(int epfd, int op, int fd, epoll_event* ev);
+    public static partial int epoll_ctl(int epfd, int op, int fd, EpollEvent* ev);
 
     [LibraryImport(LibraryName, EntryPoint = "epoll_wait", SetLastError = true)]
-    public static partial int epoll_wait(int epfd, epoll_event* events, int maxevents, int timeout);
+    public static partial int epoll_wait(int epfd, EpollEvent* events, int maxevents, int timeout);
 
     [LibraryImport(LibraryName, EntryPoint = "gettid")]
     public static partial int gettid();

@@ -1,0 +1,71 @@
+using System.Reflection;
+using KvmSharp.Boot;
+using KvmSharp.Interop;
+using KvmSharp.Vmm;
+
+namespace KvmSharp.Cli;
+
+/// <summary>The <c>kvmsharp</c> entry point: <c>run</c>, <c>img</c>, <c>--version</c>, <c>--help</c>.</summary>
+internal static class Program
+{
+    private const int UsageError = 2;
+
+    private static int Main(string[] args)
+    {
+        if (args.Length == 0 || args[0] is "-h" or "--help" or "help")
+        {
+            System.Console.Out.Write(Usage);
+            return args.Length == 0 ? UsageError : 0;
+        }
+        if (args[0] is "-V" or "--version" or "version")
+        {
+            System.Console.Out.WriteLine($"kvmsharp {Version}");
+            return 0;
+        }
+        return args[0] switch
+        {
+            "run" => RunCommand.Run(args[1..]),
+            "img" => KvmSharp.Images.Tool.ImgCommand.Run(args[1..], System.Console.Out, System.Console.Error),
+            _ => Fail($"unknown command '{args[0]}' (try 'kvmsharp --help')", UsageError),
+        };
+    }
+
+    internal static string Version =>
+        typeof(Program).Assembly.GetCustomAttribute<AssemblyInformationalVersionAttribute>()?.InformationalVersion.Split('+')[0] ?? "0.0.0";
+
+    internal static int Fail(string message, int code)
+    {
+        System.Console.Error.WriteLine($"kvmsharp: {message}");
+        return code;
+    }
+
+    internal const string Usage = """
+        kvmsharp — a KVM virtual machine monitor for Linux guests
+
+        Usage:
+          kvmsharp run --kernel FILE [options]   boot a Linux kernel, serial console on this terminal
+          kvmsharp img COMMAND [args]            create, inspect, check and convert disk images (qemu-img syntax)
+          kvmsharp --version | --help
+
+        run options:
+          --kernel FILE          bzImage or ELF vmlinux (required)
+          --initrd FILE          initial ramdisk
+          --cmdline "TEXT"       kernel command line (default: "console=ttyS0")
+          --cpus N               vCPUs, 1-64 (default 1)
+          --memory SIZE          guest RAM, e.g. 512M, 5G (default 256M)
+          --cpu-template NAME    hide CPU features: none (default), minimal
+          --kernel-decompress    let a bzImage decompress itself instead of the VMM doing it
+          --pvh                  enter through the PVH entry point when the kernel has one
+          --pvm auto|on|off      PVM-host compatibility (default auto: on when /dev/kvm is kvm_pvm)
+          --debug-exit           isa-debug-exit at port 0xf4: a write of v exits with (v<<1)|1
+          --ksm                  mark guest RAM mergeable (KSM page sharing)
+          --hugepages            back guest RAM with hugetlbfs pages
+
+        Console: raw mode on a terminal; Ctrl-A x quits, Ctrl-A Ctrl-A sends Ctrl-A.
+
+        Exit codes: 0 guest rebooted, powered off or halted; 1 VMM error (bad kernel, KVM refused);
+          2 usage error; 3 guest kernel panic; 4 triple fault; 5 KVM internal error or failed entry;
+          130 Ctrl-A x; 128+N killed by signal N; (v<<1)|1 debug-exit.
+
+        """;
+}

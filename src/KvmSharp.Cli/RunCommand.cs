@@ -1,0 +1,137 @@
+using System.Globalization;
+using KvmSharp.Boot;
+using KvmSharp.Interop;
+using KvmSharp.Vmm;
+
+namespace KvmSharp.Cli;
+
+/// <summary><c>kvmsharp run</c>: parse options, build the VM, run it, map the outcome to an exit code.</summary>
+internal static class RunCommand
+{
+    public static int Run(string[] args)
+    {
+        VmConfig config;
+        try
+        {
+            config = Parse(args);
+        }
+        catch (ArgumentException e)
+        {
+            return Program.Fail(e.Message, 2);
+        }
+
+        Vm vm;
+        try
+        {
+            vm = Vm.Create(config);
+        }
+        catch (Exception e) when (e is VmConfigException or BootException or NativeException or IOException or UnauthorizedAccessException or ArgumentException)
+        {
+            return Program.Fail(e.Message, 1);
+        }
+
+        using (vm)
+        {
+            var exit = vm.Run();
+            if (exit.Code != 0 || Environment.GetEnvironmentVariable("KVMSHARP_VERBOSE") == "1")
+            {
+                var (exits, emulated, syscalls, pfs) = vm.Stats();
+                System.Console.Error.WriteLine($"\r\nkvmsharp: {exit.Detail} (exit code {exit.Code}; {exits} exits" +
+                    (vm.IsPvm ? $", PVM: {emulated} instructions emulated, {syscalls} syscalls completed, {pfs} #PF hook hits)" : ")"));
+            }
+            return exit.Code;
+        }
+    }
+
+    internal static VmConfig Parse(string[] args)
+    {
+        string? kernel = null, initrd = null, cmdline = null, template = null;
+        int cpus = 1;
+        ulong memory = 256UL << 20;
+        bool kernelDecompress = false, pvh = false, debugExit = false, ksm = false, huge = false;
+        bool? pvm = null;
+        for (int i = 0; i < args.Length; i++)
+        {
+            string a = args[i];
+            string Value()
+            {
+                if (i + 1 >= args.Length)
+                    throw new ArgumentException($"option {a} needs a value");
+                return args[++i];
+            }
+            switch (a)
+            {
+                case "--kernel": kernel = Value(); break;
+                case "--initrd": initrd = Value(); break;
+                case "--cmdline": cmdline = Value(); break;
+                case "--cpus":
+                    string c = Value();
+                    if (!int.TryParse(c, NumberStyles.None, CultureInfo.InvariantCulture, out cpus) || cpus < 1 || cpus > VmConfig.MaxVcpus)
+                        throw new ArgumentException($"--cpus must be a number from 1 to {VmConfig.MaxVcpus}, not '{c}'");
+                    break;
+                case "--memory": memory = ParseSize(Value(), "--memory"); break;
+                case "--cpu-template": template = Value(); break;
+                case "--kernel-decompress": kernelDecompress = true; break;
+                case "--pvh": pvh = true; break;
+                case "--pvm":
+                    pvm = Value() switch
+                    {
+                        "auto" => null,
+                        "on" => true,
+                        "off" => false,
+                        var v => throw new ArgumentException($"--pvm takes auto, on or off, not '{v}'"),
+                    };
+                    break;
+                case "--debug-exit": debugExit = true; break;
+                case "--ksm": ksm = true; break;
+                case "--hugepages": huge = true; break;
+                default: throw new ArgumentException($"unknown option '{a}' for run (try 'kvmsharp --help')");
+            }
+        }
+        if (kernel is null)
+            throw new ArgumentException("run needs --kernel FILE");
+        return new VmConfig
+        {
+            KernelPath = kernel,
+            InitrdPath = initrd,
+            CommandLine = cmdline ?? "console=ttyS0",
+            CpuCount = cpus,
+            MemoryBytes = memory,
+            CpuTemplate = template ?? "none",
+            DecompressInVmm = !kernelDecompress,
+            PreferPvh = pvh,
+            PvmCompat = pvm,
+            DebugExit = debugExit,
+            Mergeable = ksm,
+            HugePages = huge,
+        };
+    }
+
+    /// <summary>Parses 512M, 5G, 1T, 4096 (bytes), 64K; binary units like QEMU's -m.</summary>
+    internal static ulong ParseSize(string text, string option)
+    {
+        string t = text.Trim();
+        int shift = 0;
+        if (t.Length > 0 && char.IsLetter(t[^1]))
+        {
+            shift = char.ToUpperInvariant(t[^1]) switch
+            {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => throw new ArgumentException($"{option}: unknown size suffix in '{text}' (use K, M, G or T)"),
+            };
+            t = t[..^1];
+        }
+        else if (option == "--memory")
+        {
+            shift = 20; // a plain number is MiB, as with QEMU's -m
+        }
+        if (!ulong.TryParse(t, NumberStyles.None, CultureInfo.InvariantCulture, out ulong n) || n == 0)
+            throw new ArgumentException($"{option}: '{text}' is not a size");
+        if (n > (ulong.MaxValue >> shift))
+            throw new ArgumentException($"{option}: '{text}' is too large");
+        return n << shift;
+    }
+}

@@ -1,0 +1,251 @@
+using System.Diagnostics;
+using System.Runtime.InteropServices;
+using KvmSharp.Boot;
+using KvmSharp.Devices;
+using KvmSharp.Interop;
+using KvmSharp.Kvm;
+using KvmSharp.Memory;
+using KvmSharp.Vmm.Console;
+using KvmSharp.Vmm.Cpu;
+using KvmSharp.Vmm.Pvm;
+
+namespace KvmSharp.Vmm;
+
+/// <summary>
+/// One running VM: KVM objects, guest RAM, the buses with their devices, and one thread per vCPU.
+/// Built by <see cref="Create"/>; <see cref="Run"/> blocks until the guest or the user ends it.
+/// </summary>
+public sealed class Vm : IDisposable
+{
+    // Intel VMX needs three pages for the real-mode TSS and one for the identity map, outside RAM
+    // and below 4 GiB (api.rst: KVM_SET_TSS_ADDR). They sit just below the BIOS area at the top of the hole.
+    private const ulong TssAddress = 0xFFFB_D000;
+    private const ulong IdentityMapAddress = 0xFFFB_C000;
+    private const uint SerialGsi = 4;
+
+    private readonly KvmSystem _kvm;
+    private readonly KvmVm _vmFd;
+    private readonly List<KvmVcpu> _vcpus = [];
+    private readonly List<VcpuRunner> _runners = [];
+    private readonly List<IDisposable> _owned = [];
+    private readonly ManualResetEventSlim _stopped = new();
+    private readonly RateLimitedLog _log;
+    private readonly PanicDetector _panic = new();
+    private readonly TextWriter _diagnostics;
+    private VmExit _exit;
+    private int _stopRequested;
+    private Serial8250 _serial = null!;
+    private ConsoleInput? _input;
+    private Timer? _pvmPoller;
+
+    private Vm(VmConfig config, KvmSystem kvm, KvmVm vmFd, GuestMemory memory, TextWriter diagnostics)
+    {
+        Config = config;
+        _kvm = kvm;
+        _vmFd = vmFd;
+        Memory = memory;
+        _diagnostics = diagnostics;
+        _log = new RateLimitedLog(diagnostics, burst: 20, period: TimeSpan.FromSeconds(10));
+    }
+
+    public VmConfig Config { get; }
+    public GuestMemory Memory { get; }
+    public Bus PioBus { get; } = new();
+    public Bus MmioBus { get; } = new();
+    public bool IsPvm { get; private init; }
+    public BootResult Boot { get; private set; } = null!;
+    public string EffectiveCommandLine { get; private set; } = "";
+
+    internal bool StopRequested => Volatile.Read(ref _stopRequested) != 0;
+
+    /// <summary>Builds the VM: memory, in-kernel irqchip and PIT, devices, kernel, vCPUs.</summary>
+    /// <exception cref="VmConfigException">The configuration cannot work.</exception>
+    /// <exception cref="BootException">The kernel or initrd cannot be loaded.</exception>
+    /// <exception cref="NativeException">KVM or the host refused something.</exception>
+    public static Vm Create(VmConfig config, int consoleOutFd = 1, int consoleInFd = 0, TextWriter? diagnostics = null)
+    {
+        config.Validate();
+        diagnostics ??= System.Console.Error;
+        var kernel = KernelImage.Load(config.KernelPath);
+        byte[]? initrd = config.InitrdPath is null ? null : File.ReadAllBytes(config.InitrdPath);
+        var template = CpuTemplate.Parse(config.CpuTemplate);
+
+        var kvm = KvmSystem.Open();
+        KvmVm? vmFd = null;
+        GuestMemory? memory = null;
+        try
+        {
+            vmFd = kvm.CreateVm();
+            memory = GuestMemory.CreateAnonymous(MemoryLayout.RamRanges(config.MemoryBytes),
+                new GuestMemoryOptions { Mergeable = config.Mergeable, HugePages = config.HugePages });
+            bool pvm = config.PvmCompat ?? KvmSystem.IsPvmHost;
+            var vm = new Vm(config, kvm, vmFd, memory, diagnostics) { IsPvm = pvm };
+            try
+            {
+                vm.Build(kernel, initrd, template, consoleOutFd, consoleInFd);
+                return vm;
+            }
+            catch
+            {
+                vm.Dispose();
+                throw;
+            }
+        }
+        catch when (memory is null || vmFd is null)
+        {
+            memory?.Dispose();
+            vmFd?.Dispose();
+            kvm.Dispose();
+            throw;
+        }
+    }
+
+    private void Build(KernelImage kernel, byte[]? initrd, CpuTemplate template, int consoleOutFd, int consoleInFd)
+    {
+        for (int i = 0; i < Memory.Regions.Count; i++)
+        {
+            var r = Memory.Regions[i];
+            _vmFd.SetUserMemoryRegion((uint)i, r.Start.Value, r.Size, r.HostAddressForKvm);
+        }
+        TryHost(() => _vmFd.SetIdentityMapAddress(IdentityMapAddress), "KVM_SET_IDENTITY_MAP_ADDR");
+        TryHost(() => _vmFd.SetTssAddress(TssAddress), "KVM_SET_TSS_ADDR");
+        _vmFd.CreateIrqchip();
+        _vmFd.CreatePit2();
+
+        // Legacy devices (docs: src/KvmSharp.Devices/README.md has the port map).
+        var serialIrq = new IrqfdLine(Libc.EventFd(), SerialGsi);
+        _owned.Add(serialIrq);
+        _vmFd.RegisterIrqfd(serialIrq.Fd, SerialGsi);
+        _serial = new Serial8250(serialIrq, new ConsoleOutput(consoleOutFd, _panic));
+        PioBus.Insert(_serial, 0x3F8, 8);
+        var i8042 = new I8042(() => RequestStop(VmExit.Of(VmExitKind.GuestReboot, "guest reset the CPU through the i8042")));
+        PioBus.Insert(i8042, 0x60, 1);
+        PioBus.Insert(i8042, 0x64, 1);
+        ulong below4g = Math.Min(Config.MemoryBytes, MemoryLayout.MmioHoleStart);
+        PioBus.Insert(new CmosRtc(() => DateTime.UtcNow, below4g, Config.MemoryBytes - below4g), 0x70, 2);
+        // Port 0x80 is Linux's io_delay port: accept and ignore writes instead of logging each one.
+        PioBus.Insert(new NullDevice(), 0x80, 1);
+        if (Config.DebugExit)
+            PioBus.Insert(new DebugExit(v => RequestStop(VmExit.Of(VmExitKind.DebugExit, $"guest wrote 0x{v:x} to the debug-exit port", v))), 0xF4, 1);
+
+        EffectiveCommandLine = IsPvm ? PvmCompat.AdjustCommandLine(Config.CommandLine) : Config.CommandLine;
+        Boot = LinuxLoader.Load(Memory, kernel, new BootOptions
+        {
+            CommandLine = EffectiveCommandLine,
+            Initrd = initrd,
+            CpuCount = Config.CpuCount,
+            DecompressInVmm = Config.DecompressInVmm,
+            PreferPvh = Config.PreferPvh,
+        });
+
+        var supported = _kvm.GetSupportedCpuid();
+        var hook = new PvmHook();
+        for (int id = 0; id < Config.CpuCount; id++)
+        {
+            var vcpu = _vmFd.CreateVcpu(id);
+            _vcpus.Add(vcpu);
+            VcpuSetup.SetCpuid(vcpu, supported, Config.CpuCount, template);
+            var refused = VcpuSetup.SetMsrs(vcpu);
+            if (refused.Count > 0 && id == 0)
+                _diagnostics.WriteLine($"kvmsharp: the host refused MSRs {string.Join(", ", refused.Select(m => $"0x{m:x}"))}; continuing without them");
+            VcpuSetup.SetLint(vcpu);
+            if (id == 0)
+                VcpuSetup.SetBootRegisters(vcpu, Boot);
+            _runners.Add(new VcpuRunner(this, vcpu, IsPvm ? new PvmCompat(vcpu, Memory, hook) : null));
+        }
+
+        _input = new ConsoleInput(consoleInFd, data => _serial.EnqueueInput(data), () => RequestStop(VmExit.Of(VmExitKind.UserQuit, "quit from the console (Ctrl-A x)")));
+    }
+
+    private void TryHost(Action action, string what)
+    {
+        try
+        {
+            action();
+        }
+        catch (KvmException e)
+        {
+            // PVM and AMD hosts do not need these; a failure only matters to Intel VMX real mode.
+            _diagnostics.WriteLine($"kvmsharp: {what} not available ({e.Message}); continuing");
+        }
+    }
+
+    /// <summary>Runs the guest until it ends; returns why. Blocks the calling thread.</summary>
+    public VmExit Run(CancellationToken cancel = default)
+    {
+        using var sigusr2 = PosixSignalRegistration.Create((PosixSignal)Libc.SIGUSR2, ctx => ctx.Cancel = true);
+        using var sigint = PosixSignalRegistration.Create(PosixSignal.SIGINT, ctx => { ctx.Cancel = true; RequestStop(VmExit.Of(VmExitKind.Signal, "SIGINT", 2)); });
+        using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, ctx => { ctx.Cancel = true; RequestStop(VmExit.Of(VmExitKind.Signal, "SIGTERM", 15)); });
+        using var reg = cancel.Register(() => RequestStop(VmExit.Of(VmExitKind.Signal, "cancelled", 15)));
+
+        _input?.Start();
+        foreach (var r in _runners)
+            r.Start();
+        if (IsPvm)
+        {
+            // vCPU 0 installs the PVM #PF hook when kicked; poll until the guest runs user code, then slowly.
+            _pvmPoller = new Timer(_ => { if (!StopRequested) _runners[0].Kick(); }, null, TimeSpan.FromMilliseconds(200), TimeSpan.FromMilliseconds(200));
+        }
+        _stopped.Wait(CancellationToken.None);
+        _pvmPoller?.Dispose();
+        foreach (var r in _runners)
+            r.Kick();
+        foreach (var r in _runners)
+            r.Join();
+        _input?.Dispose();
+
+        var exit = _exit;
+        // A panic that the guest turned into a reboot (panic=N) is still a panic.
+        if (_panic.Seen && exit.Kind is VmExitKind.GuestReboot or VmExitKind.GuestPowerOff)
+            exit = VmExit.Of(VmExitKind.GuestPanic, "guest kernel panicked (\"Kernel panic - not syncing\" on the console), then " + exit.Detail);
+        return exit;
+    }
+
+    /// <summary>Statistics for diagnostics and tests.</summary>
+    public (long Exits, long PvmEmulated, long PvmSyscalls, long PvmPageFaults) Stats()
+    {
+        long exits = 0, emu = 0, sys = 0, pf = 0;
+        foreach (var r in _runners)
+        {
+            exits += r.Exits;
+            emu += r.Pvm?.EmulatedInstructions ?? 0;
+            sys += r.Pvm?.SyscallsCompleted ?? 0;
+            pf += r.Pvm?.PageFaultHookHits ?? 0;
+        }
+        return (exits, emu, sys, pf);
+    }
+
+    /// <summary>Ends the VM with <paramref name="exit"/>; the first request wins. Safe from any thread.</summary>
+    public void RequestStop(VmExit exit)
+    {
+        if (Interlocked.CompareExchange(ref _stopRequested, 1, 0) != 0)
+            return;
+        _exit = exit;
+        foreach (var r in _runners)
+            r.Kick();
+        _stopped.Set();
+    }
+
+    internal void LogUnclaimed(string what, ulong address) => _log.Write($"kvmsharp: unclaimed {what} at 0x{address:x}");
+
+    public void Dispose()
+    {
+        _pvmPoller?.Dispose();
+        _input?.Dispose();
+        foreach (var v in _vcpus)
+            v.Dispose();
+        foreach (var o in _owned)
+            o.Dispose();
+        _vmFd.Dispose();
+        Memory.Dispose();
+        _kvm.Dispose();
+        _stopped.Dispose();
+    }
+
+    /// <summary>Claims a port range and ignores it (port 0x80 io_delay).</summary>
+    private sealed class NullDevice : IBusDevice
+    {
+        public void Read(ulong offset, Span<byte> data) => data.Fill(0xFF);
+        public void Write(ulong offset, ReadOnlySpan<byte> data) { }
+    }
+}

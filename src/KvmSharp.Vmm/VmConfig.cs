@@ -1,0 +1,52 @@
+namespace KvmSharp.Vmm;
+
+/// <summary>Everything needed to build and run one VM. Validated by <see cref="Validate"/>.</summary>
+public sealed record VmConfig
+{
+    public const int MaxVcpus = 64;
+
+    public required string KernelPath { get; init; }
+    public string? InitrdPath { get; init; }
+    public string CommandLine { get; init; } = "console=ttyS0";
+    public int CpuCount { get; init; } = 1;
+    public ulong MemoryBytes { get; init; } = 256UL << 20;
+
+    /// <summary>Named CPU template (see KvmSharp.Boot.CpuTemplate).</summary>
+    public string CpuTemplate { get; init; } = "none";
+
+    /// <summary>Decompress a bzImage's payload in the VMM instead of running the kernel's own decompressor.</summary>
+    public bool DecompressInVmm { get; init; } = true;
+
+    /// <summary>Enter through the PVH entry point (32-bit) instead of the 64-bit boot protocol.</summary>
+    public bool PreferPvh { get; init; }
+
+    /// <summary>PVM compatibility: null = detect (on when /dev/kvm is kvm_pvm).</summary>
+    public bool? PvmCompat { get; init; }
+
+    /// <summary>Map QEMU's isa-debug-exit at port 0xf4: a write of v ends the VM with exit code (v &lt;&lt; 1) | 1.</summary>
+    public bool DebugExit { get; init; }
+
+    public bool Mergeable { get; init; }
+    public bool HugePages { get; init; }
+
+    /// <summary>Throws <see cref="VmConfigException"/> with one clear sentence when the config cannot work.</summary>
+    public void Validate()
+    {
+        if (CpuCount < 1 || CpuCount > MaxVcpus)
+            throw new VmConfigException($"--cpus must be between 1 and {MaxVcpus}, not {CpuCount}.");
+        if (MemoryBytes < (16UL << 20) || MemoryBytes > (1UL << 40) || MemoryBytes % 4096 != 0)
+            throw new VmConfigException($"--memory must be a multiple of 4 KiB between 16 MiB and 1 TiB, not {MemoryBytes} bytes.");
+        if (!File.Exists(KernelPath))
+            throw new VmConfigException($"Kernel file {KernelPath} does not exist.");
+        if (InitrdPath is not null && !File.Exists(InitrdPath))
+            throw new VmConfigException($"Initrd file {InitrdPath} does not exist.");
+    }
+}
+
+/// <summary>A VM configuration that cannot work; the message is one sentence for the user.</summary>
+public sealed class VmConfigException : Exception
+{
+    public VmConfigException() { }
+    public VmConfigException(string message) : base(message) { }
+    public VmConfigException(string message, Exception inner) : base(message, inner) { }
+}

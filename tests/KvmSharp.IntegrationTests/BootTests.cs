@@ -1,0 +1,110 @@
+using System.Text;
+using System.Text.RegularExpressions;
+using Xunit;
+
+namespace KvmSharp.IntegrationTests;
+
+/// <summary>
+/// Real boots of the test guests built by guest/build.sh. A boot costs minutes on a PVM host, so each
+/// boot checks many things (style: "let one boot check many things").
+/// </summary>
+public class BootTests(ITestOutputHelper output)
+{
+    private static readonly TimeSpan BootTimeout = TimeSpan.FromMinutes(12);
+    private static readonly TimeSpan DistroTimeout = TimeSpan.FromMinutes(30);
+
+    internal static string Encode(string script) => Convert.ToBase64String(Encoding.UTF8.GetBytes(script));
+
+    private void Require(string kernel, string initrd)
+    {
+        Assets.RequireBinary();
+        Assets.RequireKvm();
+        Assets.RequireFile(kernel, "run guest/build.sh (scripts/test.sh does)");
+        Assets.RequireFile(initrd, "run guest/build.sh (scripts/test.sh does)");
+    }
+
+    /// <summary>
+    /// Guest (a) with 2 vCPUs and 5 GiB: reaches init, counts 2 CPUs, sees RAM above 4 GiB, reads
+    /// a line typed on the host's stdin, and its reboot ends kvmsharp with exit code 0.
+    /// </summary>
+    [Fact]
+    public void MinimalGuestBootsWithTwoCpusAndFiveGiBAndReadsStdin()
+    {
+        Require(Assets.MinimalKernel, Assets.Initrd);
+        const string Script = """
+            echo "cpus=$(grep -c ^processor /proc/cpuinfo)"
+            echo "memtotal_kb=$(sed -n 's/^MemTotal: *\([0-9]*\) kB/\1/p' /proc/meminfo)"
+            echo "online=$(cat /sys/devices/system/cpu/online)"
+            echo "typed:"; read -r line; echo "got=[$line]"
+            """;
+        using var vm = new KvmSharpProcess([
+            "run", "--kernel", Assets.MinimalKernel, "--initrd", Assets.Initrd, "--cpus", "2", "--memory", "5G",
+            "--cmdline", $"{Assets.FastCmdline} kvmsharp.run={Encode(Script)} kvmsharp.exit=reboot"]);
+        try
+        {
+            Assert.True(vm.WaitForOutput("KVMSHARP-READY", BootTimeout), "guest did not reach init");
+            Assert.True(vm.WaitForOutput("typed:", TimeSpan.FromMinutes(2)), "guest did not start the command");
+            vm.WriteInput("hello from the host\n");
+            Assert.True(vm.WaitForExit(TimeSpan.FromMinutes(3)), "guest did not reboot");
+        }
+        finally
+        {
+            output.WriteLine(vm.Stdout);
+            output.WriteLine(vm.Stderr);
+        }
+        string o = vm.Stdout;
+        Assert.Contains("cpus=2", o);
+        Assert.Contains("online=0-1", o);
+        long memKb = long.Parse(Regex.Match(o, @"memtotal_kb=(\d+)").Groups[1].Value);
+        Assert.True(memKb > 4L * 1024 * 1024, $"guest sees {memKb} kB, not more than 4 GiB");
+        Assert.Contains("got=[hello from the host]", o);
+        Assert.Contains("KVMSHARP-END rc=0", o);
+        Assert.Equal(0, vm.ExitCode);
+    }
+
+    /// <summary>Guest (a) whose init exits: the kernel panics (then reboots, panic=1): exit code 3.</summary>
+    [Fact]
+    public void GuestPanicGivesExitCode3()
+    {
+        Require(Assets.MinimalKernel, Assets.Initrd);
+        using var vm = new KvmSharpProcess([
+            "run", "--kernel", Assets.MinimalKernel, "--initrd", Assets.Initrd, "--memory", "256M",
+            "--cmdline", $"{Assets.FastCmdline} kvmsharp.run={Encode("echo bye")} kvmsharp.exit=panic"]);
+        try
+        {
+            Assert.True(vm.WaitForExit(BootTimeout), "guest did not end");
+        }
+        finally
+        {
+            output.WriteLine(vm.Stdout);
+            output.WriteLine(vm.Stderr);
+        }
+        Assert.Contains("Kernel panic - not syncing", vm.Stdout);
+        Assert.Equal(3, vm.ExitCode);
+    }
+
+    /// <summary>Guest (b), Debian's own kernel: reaches init and runs a command (slow lane).</summary>
+    [Fact]
+    public void DistroKernelBootsToInit()
+    {
+        if (!Assets.SlowLane)
+            Assert.Skip("distro-kernel boot takes 11-25 minutes on a PVM host: run scripts/test.sh --slow");
+        Require(Assets.DistroKernel, Assets.DistroInitrd);
+        using var vm = new KvmSharpProcess([
+            "run", "--kernel", Assets.DistroKernel, "--initrd", Assets.DistroInitrd, "--cpus", "2", "--memory", "1G",
+            "--cmdline", $"{Assets.FastCmdline} kvmsharp.run={Encode("uname -r; grep -c ^processor /proc/cpuinfo")} kvmsharp.exit=reboot"]);
+        try
+        {
+            Assert.True(vm.WaitForExit(DistroTimeout), "distro guest did not finish");
+        }
+        finally
+        {
+            output.WriteLine(vm.Stdout);
+            output.WriteLine(vm.Stderr);
+        }
+        Assert.Contains("KVMSHARP-READY", vm.Stdout);
+        Assert.Contains("-amd64", vm.Stdout);
+        Assert.Contains("KVMSHARP-END rc=0", vm.Stdout);
+        Assert.Equal(0, vm.ExitCode);
+    }
+}
