@@ -23,7 +23,7 @@ BUILD_DEPS=(build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils km
 # Bump a recipe string when the way an output is made changes (it is part of the cache key).
 RECIPE_MINIMAL=1
 RECIPE_INITRD=1
-RECIPE_DISTRO=1
+RECIPE_DISTRO=2
 
 # Distro-kernel modules for the initramfs (dependencies are added from modules.dep).
 # Not crc32c_intel: it uses the SSE4.2 crc32 instruction, which PVM's emulator cannot run
@@ -87,7 +87,7 @@ key_distro()  { { echo "$RECIPE_DISTRO $LINUX_IMAGE_PKG=$LINUX_IMAGE_VERSION";
 
 files_initrd=(initrd.cpio)
 files_minimal=(minimal/vmlinux minimal/bzImage minimal/config minimal/System.map)
-files_distro=(distro/vmlinuz distro/initrd.cpio distro/config distro/System.map distro/modules.txt)
+files_distro=(distro/vmlinuz distro/initrd.cpio distro/config distro/modules.txt)
 
 # out/<what>.key holds the key the files in out/ came from.
 up_to_date() { # what key
@@ -327,6 +327,10 @@ build_distro() {
                 *.ko.zst) if [ $decompress = 1 ]; then zstd -qdc "$mdir/$f" > "$root/lib/modules/${name%.zst}"; name=${name%.zst}; else cp "$mdir/$f" "$root/lib/modules/$name"; fi ;;
                 *) die "unexpected module file $f" ;;
             esac
+            # Drop the module signature (and debug sections): unsigned modules load with a
+            # taint, signed ones make the kernel SHA-256 + RSA-verify every module, which is
+            # slow in PVM's emulated ring 0 and may use SIMD there.
+            strip --strip-debug "$root/lib/modules/$name"
             echo "$name" >> "$root/etc/modules"
         done
         log "distro: modules in load order: $(tr '\n' ' ' < "$root/etc/modules")"
@@ -335,7 +339,6 @@ build_distro() {
         rm -rf "$root"
         cp "$pkg/boot/vmlinuz-$kver" "$dir/vmlinuz"
         cp "$cfg" "$dir/config"
-        cp "$pkg/boot/System.map-$kver" "$dir/System.map"
         echo "$kver" > "$dir/kernel-release"
         touch "$dir/DONE"
     fi
