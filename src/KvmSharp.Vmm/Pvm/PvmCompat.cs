@@ -49,7 +49,7 @@ internal sealed class PvmCompat
 
     /// <summary>
     /// Kernel parameters that remove features the host's emulator cannot execute in guest ring 0
-    /// (pvm-notes: xrstor → noxsave; popcnt, clac/stac (SMAP), rdrand/rdseed, SIMD crypto → clearcpuid).
+    /// (pvm-notes: xrstor → noxsave; lock cmpxchg16b (SLUB) → cx16; popcnt, clac/stac (SMAP), rdrand/rdseed, SIMD crypto → clearcpuid).
     /// Parameters the user already gave are left alone.
     /// </summary>
     public static string AdjustCommandLine(string commandLine)
@@ -59,7 +59,7 @@ internal sealed class PvmCompat
         if (!words.Contains("noxsave"))
             add.Add("noxsave");
         if (!words.Any(w => w.StartsWith("clearcpuid=", StringComparison.Ordinal)))
-            add.Add("clearcpuid=popcnt,smap,rdrand,rdseed,aes,pclmulqdq,sha_ni,sse4_2");
+            add.Add("clearcpuid=cx16,popcnt,smap,rdrand,rdseed,aes,pclmulqdq,sha_ni,sse4_2");
         return add.Count == 0 ? commandLine : commandLine + " " + string.Join(' ', add);
     }
 
