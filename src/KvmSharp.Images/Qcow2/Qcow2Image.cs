@@ -706,15 +706,24 @@ public sealed class Qcow2Image : IBlockDevice
         ulong count = 1UL << _rbBits;
         ulong place = first;
         while (place < first + count && (Reserved(place) || place == 0)) place++;
-        if (place == first + count)
-            ThrowHelper.Throw(ImageErrorKind.UnsupportedFeature, _path, "no room for a refcount block", -1);
+        bool selfDescribing = place < first + count;
+        if (!selfDescribing)
+        {
+            // The whole range is a reserved run (a long table being placed): put the block right after
+            // the run, in a later range, and extend the run over it so nothing else claims it.
+            if (_reservedEnd < first + count)
+                ThrowHelper.Throw(ImageErrorKind.UnsupportedFeature, _path, "no room for a refcount block", -1);
+            place = _reservedEnd;
+            while (GetRefcount(place) != 0 || Reserved(place)) place++;
+            _reservedEnd = place + 1;
+        }
         ulong off = place << _cb;
         int slot = _rb.Victim();
         if (_rb.IsDirty(slot)) WriteRefblock(slot);
         var s = _rb.Span(slot);
         s.Clear();
         _rb.Assign(slot, off);
-        SetRefcountIn(s, place - first, _rcOrder, 1);
+        if (selfDescribing) SetRefcountIn(s, place - first, _rcOrder, 1);
         _rb.MarkDirty(slot);
         // The block itself must reach disk before the table entry that names it.
         WriteRefblock(slot);
@@ -722,6 +731,7 @@ public sealed class Qcow2Image : IBlockDevice
         _rcDirtyMin = Math.Min(_rcDirtyMin, (int)rti);
         _rcDirtyMax = Math.Max(_rcDirtyMax, (int)rti);
         if (off + (ulong)_cs > _fileEnd) _fileEnd = off + (ulong)_cs;
+        if (!selfDescribing) SetRefcount(place, 1); // counted in its own range's block (created if needed)
         return off;
     }
 

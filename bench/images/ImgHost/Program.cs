@@ -1,0 +1,1 @@
+return KvmSharp.Images.Tool.ImgCommand.Run(args, Console.Out, Console.Error);
