@@ -213,7 +213,7 @@ internal sealed class PvmCompat
         if (!GuestPageWalker.TryReadVirtual(_memory, sregs, sregs.idt.@base + 14 * 16, gate))
             return;
         ulong handler = BitConverter.ToUInt16(gate) | ((ulong)BitConverter.ToUInt16(gate[6..]) << 16) | ((ulong)BitConverter.ToUInt32(gate[8..]) << 32);
-        if (handler < 0xFFFF_8000_0000_0000UL || !GuestPageWalker.TryTranslate(_memory, sregs, handler, out ulong gpa))
+        if (!GuestPageWalker.TryTranslate(_memory, sregs, handler, out ulong gpa))
             return;
         _hook.TryInstall(_memory, handler, gpa, _reader, _decoder64);
     }
