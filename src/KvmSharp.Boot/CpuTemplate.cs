@@ -34,6 +34,9 @@ public readonly record struct CpuidLeaf(uint Function, uint? Index)
 /// </summary>
 public sealed record CpuTemplate(string Name, IReadOnlyList<CpuidBit> RemovedBits, IReadOnlyList<CpuidLeaf> ClearedLeaves)
 {
+    /// <summary>Feature names understood by <see cref="Parse"/> (Linux /proc/cpuinfo spelling). Initialized first: the named sets below are built from it.</summary>
+    public static IReadOnlyDictionary<string, CpuidBit> KnownFeatures { get; } = BuildFeatureTable();
+
     public static CpuTemplate None { get; } = new("none", [], []);
 
     public static CpuTemplate Minimal { get; } = Build("minimal", MinimalNames, [new CpuidLeaf(0xD, null)]);
@@ -53,9 +56,6 @@ public sealed record CpuTemplate(string Name, IReadOnlyList<CpuidBit> RemovedBit
         "popcnt", "smap", "rdrand", "rdseed", "rdtscp", "rdpid", "aes", "pclmulqdq", "sha_ni", "adx",
         "bmi1", "bmi2", "ssse3", "sse4_1", "sse4_2", "gfni", "vaes", "vpclmulqdq",
     ];
-
-    /// <summary>Feature names understood by <see cref="Parse"/> (Linux /proc/cpuinfo spelling).</summary>
-    public static IReadOnlyDictionary<string, CpuidBit> KnownFeatures { get; } = BuildFeatureTable();
 
     private static Dictionary<string, CpuidBit> BuildFeatureTable()
     {
