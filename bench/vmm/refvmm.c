@@ -4,13 +4,14 @@
  * exit with (value << 1) | 1 like QEMU's isa-debug-exit and KvmSharp's --debug-exit. Port 0x80 (and any
  * other port) is ignored. No irqchip, no PIT, no devices.
  *
- *   refvmm [-m MiB] [-p] [-v] guest.elf
+ *   refvmm [-m MiB] [-p] [-v] [-s] guest.elf
  *     -p   enter at the PVH note's entry: 32-bit protected mode, paging off (what QEMU and
  *          `kvmsharp run --pvh` do); default: 64-bit long mode at e_entry with exactly KvmSharp's boot
  *          state (GDT at 0x500 with CS 0x10 / DS 0x18 / TR 0x20, identity map of 4 GiB with 2 MiB pages
  *          at 0x9000.., CR0 = PE|ET|NE|PG, CR4 = PAE, EFER = LME|LMA, RSP 0x8ff0, RSI 0x7000) and the
  *          host's supported CPUID (KVM refuses EFER.LME without CPUID.LM).
  *     -v   print the number of exits and the time spent in the KVM_RUN loop to stderr.
+ *     -s   on HLT, stay alive (sleep until killed) instead of exiting with 0 — for the memory benchmark.
  */
 #include <elf.h>
 #include <fcntl.h>
@@ -44,16 +45,17 @@ static struct kvm_segment seg(uint16_t sel, uint8_t type, uint8_t s, uint8_t db,
 int main(int argc, char **argv)
 {
     uint64_t mem_mib = 128;
-    int pvh = 0, verbose = 0, opt;
-    while ((opt = getopt(argc, argv, "m:pv")) != -1) {
+    int pvh = 0, verbose = 0, stay = 0, opt;
+    while ((opt = getopt(argc, argv, "m:pvs")) != -1) {
         switch (opt) {
         case 'm': mem_mib = strtoull(optarg, NULL, 0); break;
         case 'p': pvh = 1; break;
         case 'v': verbose = 1; break;
-        default: fprintf(stderr, "usage: %s [-m MiB] [-p] [-v] guest.elf\n", argv[0]); return 2;
+        case 's': stay = 1; break;
+        default: fprintf(stderr, "usage: %s [-m MiB] [-p] [-v] [-s] guest.elf\n", argv[0]); return 2;
         }
     }
-    if (optind != argc - 1) { fprintf(stderr, "usage: %s [-m MiB] [-p] [-v] guest.elf\n", argv[0]); return 2; }
+    if (optind != argc - 1) { fprintf(stderr, "usage: %s [-m MiB] [-p] [-v] [-s] guest.elf\n", argv[0]); return 2; }
 
     int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
     if (kvm < 0) die("/dev/kvm");
@@ -164,6 +166,9 @@ int main(int argc, char **argv)
             }
             break; /* port 0x80 and anything else: ignored */
         case KVM_EXIT_HLT:
+            if (stay)
+                for (;;)
+                    pause();
             return 0;
         case KVM_EXIT_INTR:
             break;
