@@ -146,11 +146,11 @@ public sealed class KernelImage
         // boot.rst "THE REAL-MODE KERNEL HEADER": boot_flag at 0x1fe, header "HdrS" at 0x202.
         if (data.Length < 0x206 || Le.U16(data, 0x1fe) != BootFlagMagic || Le.U32(data, 0x202) != HdrSMagic)
             throw new BootException($"The kernel file {name} is not a bzImage or ELF vmlinux.");
+        if (data.Length < SetupHeaderKnownEnd)
+            throw new BootException($"Kernel is truncated: {name} is {data.Length} bytes, shorter than its setup header.");
         ushort version = Le.U16(data, 0x206);
         if (version < 0x0206)
             throw new BootException($"The kernel {name} uses boot protocol {Version(version)}; KvmSharp needs 2.06 or later.");
-        if (data.Length < SetupHeaderKnownEnd)
-            throw new BootException($"Kernel is truncated: {name} is {data.Length} bytes, shorter than its setup header.");
 
         int setupSects = data[0x1f1] == 0 ? 4 : data[0x1f1];
         int setupSize = checked((setupSects + 1) * 512);
