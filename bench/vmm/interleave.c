@@ -7,14 +7,16 @@
  * CMD is split on blanks (no shell, no quoting) and run with stdin, stdout and stderr on /dev/null.
  * A run whose exit status differs from EXIT (default 1, the isa-debug-exit code of a write of 0)
  * is counted as failed and left out. Prints one TSV line per label:
- *   label  runs  failed  median_ms  q1_ms  q3_ms  min_ms  max_ms
- * and, with -o, every sample as "round label ns status" lines.
+ *   label  runs  failed  median_ms  q1_ms  q3_ms  min_ms  max_ms  cpu_median_ms
+ *   ... cpu_median_ms  (user + system CPU time of the process and its waited-for children, wait4)
+ * and, with -o, every sample as "round label wall_ns status cpu_ns" lines.
  */
 #include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -43,7 +45,7 @@ static double quantile(uint64_t *v, int n, double q)
     return i + 1 < n ? v[i] * (1 - f) + v[i + 1] * f : v[i];
 }
 
-static int run(char **argv, uint64_t *ns)
+static int run(char **argv, uint64_t *ns, uint64_t *cpu)
 {
     uint64_t t0 = now_ns();
     pid_t pid = fork();
@@ -55,8 +57,11 @@ static int run(char **argv, uint64_t *ns)
         _exit(127);
     }
     int status;
-    if (waitpid(pid, &status, 0) < 0) { perror("waitpid"); exit(2); }
+    struct rusage ru;
+    if (wait4(pid, &status, 0, &ru) < 0) { perror("wait4"); exit(2); }
     *ns = now_ns() - t0;
+    *cpu = (uint64_t)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000000000u
+         + (uint64_t)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) * 1000u;
     return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 
@@ -84,34 +89,36 @@ int main(int argc, char **argv)
     }
     if (n == 0) { fprintf(stderr, "usage: interleave [-r R] [-w W] [-x EXIT] [-o RAW] -- LABEL CMD ...\n"); return 2; }
     FILE *rf = raw ? fopen(raw, "w") : NULL;
-    uint64_t *samples[MAXCMD];
+    uint64_t *samples[MAXCMD], *cpus[MAXCMD];
     int count[MAXCMD] = { 0 }, failed[MAXCMD] = { 0 };
     for (int c = 0; c < n; c++)
-        samples[c] = calloc(rounds, sizeof(uint64_t));
+        samples[c] = calloc(rounds, sizeof(uint64_t)), cpus[c] = calloc(rounds, sizeof(uint64_t));
     for (int r = -warmup; r < rounds; r++) {
         for (int j = 0; j < n; j++) {
             int c = (j + (r < 0 ? 0 : r)) % n;
-            uint64_t ns;
-            int st = run(args[c], &ns);
+            uint64_t ns, cpu;
+            int st = run(args[c], &ns, &cpu);
             if (r < 0)
                 continue;
             if (rf)
-                fprintf(rf, "%d %s %llu %d\n", r, label[c], (unsigned long long)ns, st), fflush(rf);
+                fprintf(rf, "%d %s %llu %d %llu\n", r, label[c], (unsigned long long)ns, st, (unsigned long long)cpu), fflush(rf);
             if (st != expect) {
                 failed[c]++;
                 fprintf(stderr, "interleave: %s exited with %d (expected %d)\n", label[c], st, expect);
             } else {
+                cpus[c][count[c]] = cpu;
                 samples[c][count[c]++] = ns;
             }
         }
     }
     for (int c = 0; c < n; c++) {
         int k = count[c];
-        if (k == 0) { printf("%s\t0\t%d\tnan\tnan\tnan\tnan\tnan\n", label[c], failed[c]); continue; }
+        if (k == 0) { printf("%s\t0\t%d\tnan\tnan\tnan\tnan\tnan\tnan\n", label[c], failed[c]); continue; }
         qsort(samples[c], k, sizeof(uint64_t), cmp);
-        printf("%s\t%d\t%d\t%.3f\t%.3f\t%.3f\t%.3f\t%.3f\n", label[c], k, failed[c], quantile(samples[c], k, 0.5) / 1e6,
+        qsort(cpus[c], k, sizeof(uint64_t), cmp);
+        printf("%s\t%d\t%d\t%.3f\t%.3f\t%.3f\t%.3f\t%.3f\t%.3f\n", label[c], k, failed[c], quantile(samples[c], k, 0.5) / 1e6,
                quantile(samples[c], k, 0.25) / 1e6, quantile(samples[c], k, 0.75) / 1e6, samples[c][0] / 1e6,
-               samples[c][k - 1] / 1e6);
+               samples[c][k - 1] / 1e6, quantile(cpus[c], k, 0.5) / 1e6);
     }
     if (rf) fclose(rf);
     return 0;

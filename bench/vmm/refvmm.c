@@ -4,13 +4,15 @@
  * exit with (value << 1) | 1 like QEMU's isa-debug-exit and KvmSharp's --debug-exit. Port 0x80 (and any
  * other port) is ignored. No irqchip, no PIT, no devices.
  *
- *   refvmm [-m MiB] [-p] [-v] [-s] guest.elf
+ *   refvmm [-m MiB] [-p] [-v] [-s] [-i] guest.elf
  *     -p   enter at the PVH note's entry: 32-bit protected mode, paging off (what QEMU and
  *          `kvmsharp run --pvh` do); default: 64-bit long mode at e_entry with exactly KvmSharp's boot
  *          state (GDT at 0x500 with CS 0x10 / DS 0x18 / TR 0x20, identity map of 4 GiB with 2 MiB pages
  *          at 0x9000.., CR0 = PE|ET|NE|PG, CR4 = PAE, EFER = LME|LMA, RSP 0x8ff0, RSI 0x7000) and the
  *          host's supported CPUID (KVM refuses EFER.LME without CPUID.LM).
  *     -v   print the number of exits and the time spent in the KVM_RUN loop to stderr.
+ *     -i   also create the in-kernel irqchip and PIT (KVM_CREATE_IRQCHIP, KVM_CREATE_PIT2), as KvmSharp and
+ *          QEMU do — to see what they cost at start-up and tear-down.
  *     -s   on HLT, stay alive (sleep until killed) instead of exiting with 0 — for the memory benchmark.
  */
 #include <elf.h>
@@ -45,17 +47,18 @@ static struct kvm_segment seg(uint16_t sel, uint8_t type, uint8_t s, uint8_t db,
 int main(int argc, char **argv)
 {
     uint64_t mem_mib = 128;
-    int pvh = 0, verbose = 0, stay = 0, opt;
-    while ((opt = getopt(argc, argv, "m:pvs")) != -1) {
+    int pvh = 0, verbose = 0, stay = 0, irqchip = 0, opt;
+    while ((opt = getopt(argc, argv, "m:pvsi")) != -1) {
         switch (opt) {
         case 'm': mem_mib = strtoull(optarg, NULL, 0); break;
         case 'p': pvh = 1; break;
         case 'v': verbose = 1; break;
         case 's': stay = 1; break;
-        default: fprintf(stderr, "usage: %s [-m MiB] [-p] [-v] [-s] guest.elf\n", argv[0]); return 2;
+        case 'i': irqchip = 1; break;
+        default: fprintf(stderr, "usage: %s [-m MiB] [-p] [-v] [-s] [-i] guest.elf\n", argv[0]); return 2;
         }
     }
-    if (optind != argc - 1) { fprintf(stderr, "usage: %s [-m MiB] [-p] [-v] [-s] guest.elf\n", argv[0]); return 2; }
+    if (optind != argc - 1) { fprintf(stderr, "usage: %s [-m MiB] [-p] [-v] [-s] [-i] guest.elf\n", argv[0]); return 2; }
 
     int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
     if (kvm < 0) die("/dev/kvm");
@@ -68,6 +71,12 @@ int main(int argc, char **argv)
     struct kvm_userspace_memory_region region = { .slot = 0, .guest_phys_addr = 0, .memory_size = mem_size,
                                                   .userspace_addr = (uint64_t)mem };
     if (ioctl(vm, KVM_SET_USER_MEMORY_REGION, &region) < 0) die("KVM_SET_USER_MEMORY_REGION");
+
+    if (irqchip) {
+        struct kvm_pit_config pit = { .flags = KVM_PIT_SPEAKER_DUMMY };
+        if (ioctl(vm, KVM_CREATE_IRQCHIP, 0) < 0) die("KVM_CREATE_IRQCHIP");
+        if (ioctl(vm, KVM_CREATE_PIT2, &pit) < 0) die("KVM_CREATE_PIT2");
+    }
 
     /* The ELF: PT_LOAD segments at p_paddr, PVH entry from the PT_NOTE segment. */
     int fd = open(argv[optind], O_RDONLY | O_CLOEXEC);
