@@ -91,6 +91,10 @@ internal static class PayloadDecompressor
         long outSize = declared == ulong.MaxValue ? sizeHint : (long)Math.Min(declared, (ulong)MaxOutput + 1);
         if (outSize > MaxOutput)
             throw TooBig("lzma", name);
+        // Cap the dictionary at the output size (at least 4 KiB): a larger one is never referenced,
+        // and a hostile header could otherwise ask for a 4 GiB window.
+        uint dict = Le.U32(props, 1);
+        Le.W32(props, 1, (uint)Math.Max(4096, Math.Min(dict, outSize)));
         var input = new MemoryStream(data, offset + 13, length - 13, writable: false);
         return ReadAll(LzmaStream.Create(props, input, length - 13, outSize, false), (uint)outSize, "lzma", name);
     }

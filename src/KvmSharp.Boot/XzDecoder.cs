@@ -74,7 +74,7 @@ internal static class XzDecoder
                 throw new BootException($"{what} has a block at offset {pos} that runs into the index.");
 
             byte[] block = new byte[(int)uncompressed];
-            using (var lz = LzmaStream.Create([dictProp], new MemoryStream(xz.Slice(dataStart, dataLength).ToArray(), false), dataLength, (long)uncompressed, null, true, false))
+            using (var lz = LzmaStream.Create([EffectiveDictProp(dictProp, uncompressed)], new MemoryStream(xz.Slice(dataStart, dataLength).ToArray(), false), dataLength, (long)uncompressed, null, true, false))
             {
                 int n = 0;
                 while (n < block.Length)
@@ -128,6 +128,22 @@ internal static class XzDecoder
             throw new BootException($"{what} uses xz filter 0x{id:x} in a chain KvmSharp does not support (only x86 BCJ + LZMA2).");
         }
         throw new BootException($"{what} has a filter chain that does not end in LZMA2.");
+    }
+
+    /// <summary>
+    /// LZMA2 dictionary size for property byte p (.xz format §5.3.1): 2 or 3 times 2^(p/2 + 11), 4 GiB − 1 for 40.
+    /// A dictionary larger than the block's output is never referenced, so the smallest property that
+    /// still covers the output is used instead: a hostile header cannot make the decoder allocate 4 GiB.
+    /// </summary>
+    internal static byte EffectiveDictProp(byte declared, ulong uncompressed)
+    {
+        for (byte p = 0; p < declared; p++)
+        {
+            ulong size = (2UL | (p & 1UL)) << (p / 2 + 11);
+            if (size >= uncompressed)
+                return p;
+        }
+        return declared;
     }
 
     private static ulong ReadVarint(ReadOnlySpan<byte> b, ref int p, string what)
