@@ -226,28 +226,67 @@ public sealed record CpuTemplate(string Name, IReadOnlyList<CpuidBit> RemovedBit
         _ => null,
     };
 
+    /// <summary>Longest clearcpuid= value Linux reads: cpu_parse_early_param() copies it into char arg[128].</summary>
+    public const int LinuxClearCpuidMaxLength = 127;
+
+    /// <summary>
+    /// Features Linux clears by itself once XSAVE is gone (arch/x86/kernel/cpu/cpuid-deps.c: they depend
+    /// on XSAVE directly or through AVX/AVX512F), so <c>noxsave</c> covers them and they need no number.
+    /// </summary>
+    private static readonly HashSet<string> ImpliedByNoXsave = new(StringComparer.Ordinal)
+    {
+        "xsave", "osxsave", "xsaveopt", "xsavec", "xsaves", "xgetbv1", "avx", "avx2", "fma", "pku", "mpx", "avx_vnni",
+        "avx512f", "avx512dq", "avx512ifma", "avx512pf", "avx512er", "avx512cd", "avx512bw", "avx512vl",
+        "avx512vbmi", "avx512_vbmi2", "avx512_vnni", "avx512_bitalg", "avx512_vpopcntdq",
+        "avx512_4vnniw", "avx512_4fmaps", "avx512_vp2intersect", "avx512_fp16", "avx512_bf16",
+    };
+
     /// <summary>
     /// Kernel parameters that take the same features away inside the guest, for hosts (PVM) where
-    /// CPUID shaping does not reach the hardware: <c>noxsave</c> when XSAVE is removed, and
-    /// <c>clearcpuid=</c> with Linux feature numbers (word * 32 + bit). Empty when nothing applies.
+    /// CPUID shaping does not reach the hardware: <c>noxsave</c> when XSAVE is removed (Linux then
+    /// clears everything that depends on it), and <c>clearcpuid=</c> with Linux feature numbers
+    /// (word * 32 + bit, 6.1 cpufeatures.h layout) for the rest. Empty when nothing applies.
     /// </summary>
-    public string LinuxKernelArguments()
+    public string LinuxKernelArguments() => LinuxKernelArguments(out _);
+
+    /// <summary>
+    /// As <see cref="LinuxKernelArguments()"/>; <paramref name="omitted"/> lists removed bits that could
+    /// not be expressed: registers Linux keeps no word for, and numbers beyond the
+    /// <see cref="LinuxClearCpuidMaxLength"/>-character limit of clearcpuid= (lowest numbers are kept).
+    /// </summary>
+    public string LinuxKernelArguments(out IReadOnlyList<CpuidBit> omitted)
     {
-        var sb = new StringBuilder();
-        if (RemovedBits.Any(b => b.Function == 1 && b.Register == CpuidRegister.Ecx && b.Bit == 26))
-            sb.Append("noxsave");
-        var numbers = new SortedSet<int>();
+        var left = new List<CpuidBit>();
+        bool noXsave = RemovedBits.Any(b => b.Function == 1 && b.Register == CpuidRegister.Ecx && b.Bit == 26);
+        var numbers = new SortedDictionary<int, CpuidBit>();
         foreach (var b in RemovedBits)
         {
+            if (noXsave && b.Name is { } n && ImpliedByNoXsave.Contains(n))
+                continue;
             if (LinuxFeatureWord(b) is { } w)
-                numbers.Add(w * 32 + b.Bit);
+                numbers.TryAdd(w * 32 + b.Bit, b);
+            else
+                left.Add(b);
         }
-        if (numbers.Count > 0)
+        var value = new StringBuilder();
+        foreach (var (number, bit) in numbers)
         {
-            if (sb.Length > 0)
-                sb.Append(' ');
-            sb.Append("clearcpuid=").AppendJoin(',', numbers);
+            string item = number.ToString(CultureInfo.InvariantCulture);
+            if (value.Length + (value.Length > 0 ? 1 : 0) + item.Length > LinuxClearCpuidMaxLength)
+            {
+                left.Add(bit);
+                continue;
+            }
+            if (value.Length > 0)
+                value.Append(',');
+            value.Append(item);
         }
-        return sb.ToString();
+        omitted = left;
+        var parts = new List<string>();
+        if (noXsave)
+            parts.Add("noxsave");
+        if (value.Length > 0)
+            parts.Add("clearcpuid=" + value);
+        return string.Join(' ', parts);
     }
 }

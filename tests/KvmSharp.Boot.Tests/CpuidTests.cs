@@ -221,11 +221,25 @@ public class CpuTemplateTests
         Assert.Equal("", CpuTemplate.None.LinuxKernelArguments());
         // popcnt = word 4 bit 23 = 151; smap = word 9 bit 20 = 308; rdtscp = word 1 bit 27 = 59.
         Assert.Equal("clearcpuid=59,151,308", CpuTemplate.Parse("smap,popcnt,rdtscp").LinuxKernelArguments());
-        string pvm = CpuTemplate.Pvm.LinuxKernelArguments();
+        string pvm = CpuTemplate.Pvm.LinuxKernelArguments(out var omitted);
         Assert.StartsWith("noxsave clearcpuid=", pvm);
-        Assert.Contains("151", pvm.Split('=')[1].Split(','));
-        // A bit in a register Linux has no word for is left out.
-        Assert.Equal("", CpuTemplate.Parse("0x6:eax:1").LinuxKernelArguments());
+        Assert.Empty(omitted);
+        string[] numbers = pvm.Split('=')[1].Split(',');
+        Assert.True(pvm.Split('=')[1].Length <= CpuTemplate.LinuxClearCpuidMaxLength);
+        Assert.Contains("151", numbers);  // popcnt
+        Assert.Contains("308", numbers);  // smap
+        Assert.DoesNotContain("156", numbers); // avx: noxsave clears it
+        // A bit in a register Linux has no word for is reported as omitted.
+        Assert.Equal("", CpuTemplate.Parse("0x6:eax:1").LinuxKernelArguments(out omitted));
+        Assert.Single(omitted);
+        // Without xsave removed, AVX needs its own number.
+        Assert.Equal("clearcpuid=156", CpuTemplate.Parse("avx").LinuxKernelArguments());
+        // Too many numbers for Linux's 127-character buffer: the rest are omitted, not silently dropped.
+        var many = CpuTemplate.Parse(string.Join(',', Enumerable.Range(0, 32).Select(b => $"7.0:ebx:{b}").Concat(Enumerable.Range(0, 32).Select(b => $"7.0:ecx:{b}"))));
+        string args = many.LinuxKernelArguments(out omitted);
+        Assert.True(args.Length - "clearcpuid=".Length <= 127);
+        Assert.NotEmpty(omitted);
+        Assert.Equal(64, args.Split('=')[1].Split(',').Length + omitted.Count);
     }
 }
 
