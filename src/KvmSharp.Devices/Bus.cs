@@ -47,22 +47,53 @@ public sealed class Bus
             throw new ArgumentException(
                 $"The range at 0x{baseAddress:x} of length 0x{length:x} runs past the end of the address space.",
                 nameof(length));
+        if (!TryInsertCore(device, baseAddress, last, out Entry conflict))
+            throw new ArgumentException(
+                $"The range 0x{baseAddress:x}-0x{last:x} overlaps the range 0x{conflict.Base:x}-0x{conflict.Last:x} " +
+                $"of {conflict.Device.GetType().Name}.",
+                nameof(baseAddress));
+    }
 
+    /// <summary>
+    /// As <see cref="Insert"/>, but reports a zero-length, wrapping or overlapping range by
+    /// returning false instead of throwing: for mappings the guest chooses (a PCI BAR it
+    /// reprogrammed), where a conflict is the guest's error, not ours.
+    /// </summary>
+    /// <exception cref="ArgumentNullException"><paramref name="device"/> is null.</exception>
+    public bool TryInsert(IBusDevice device, ulong baseAddress, ulong length)
+    {
+        ArgumentNullException.ThrowIfNull(device);
+        if (length == 0)
+            return false;
+        ulong last = baseAddress + (length - 1);
+        return last >= baseAddress && TryInsertCore(device, baseAddress, last, out _);
+    }
+
+    private bool TryInsertCore(IBusDevice device, ulong baseAddress, ulong last, out Entry conflict)
+    {
         lock (_writerLock)
         {
             Entry[] old = _entries;
             // First entry whose base is above ours: the new one goes right before it.
             int index = UpperBound(old, baseAddress);
             if (index > 0 && old[index - 1].Last >= baseAddress)
-                ThrowOverlap(baseAddress, last, old[index - 1]);
+            {
+                conflict = old[index - 1];
+                return false;
+            }
             if (index < old.Length && old[index].Base <= last)
-                ThrowOverlap(baseAddress, last, old[index]);
+            {
+                conflict = old[index];
+                return false;
+            }
 
             var updated = new Entry[old.Length + 1];
             Array.Copy(old, 0, updated, 0, index);
             updated[index] = new Entry(baseAddress, last, device);
             Array.Copy(old, index, updated, index + 1, old.Length - index);
             Volatile.Write(ref _entries, updated);
+            conflict = default;
+            return true;
         }
     }
 
@@ -149,10 +180,4 @@ public sealed class Bus
         }
         return lo;
     }
-
-    private static void ThrowOverlap(ulong baseAddress, ulong last, Entry existing) =>
-        throw new ArgumentException(
-            $"The range 0x{baseAddress:x}-0x{last:x} overlaps the range 0x{existing.Base:x}-0x{existing.Last:x} " +
-            $"of {existing.Device.GetType().Name}.",
-            nameof(baseAddress));
 }
