@@ -119,8 +119,8 @@ public sealed class Vm : IDisposable
         _serial = new Serial8250(serialIrq, new ConsoleOutput(consoleOutFd, _panic));
         PioBus.Insert(_serial, 0x3F8, 8);
         var i8042 = new I8042(() => RequestStop(VmExit.Of(VmExitKind.GuestReboot, "guest reset the CPU through the i8042")));
-        PioBus.Insert(i8042, 0x60, 1);
-        PioBus.Insert(i8042, 0x64, 1);
+        PioBus.Insert(i8042.DataPort, 0x60, 1);
+        PioBus.Insert(i8042.CommandPort, 0x64, 1);
         ulong below4g = Math.Min(Config.MemoryBytes, MemoryLayout.MmioHoleStart);
         PioBus.Insert(new CmosRtc(() => DateTime.UtcNow, below4g, Config.MemoryBytes - below4g), 0x70, 2);
         // Port 0x80 is Linux's io_delay port: accept and ignore writes instead of logging each one.

@@ -43,6 +43,9 @@ internal sealed class PvmCompat
         _decoder64 = Decoder.Create(64, _reader);
     }
 
+    /// <summary>KVMSHARP_TRACE_PVM=1: print RIP and the layer's counters at every poll (development aid).</summary>
+    private static readonly bool Trace = Environment.GetEnvironmentVariable("KVMSHARP_TRACE_PVM") == "1";
+
     public long EmulatedInstructions { get; private set; }
     public long SyscallsCompleted { get; private set; }
     public long PageFaultHookHits { get; private set; }
@@ -205,6 +208,11 @@ internal sealed class PvmCompat
     public void Poll()
     {
         _vcpu.GetSpecialRegisters(out var sregs);
+        if (Trace)
+        {
+            _vcpu.GetRegisters(out var r);
+            System.Console.Error.WriteLine($"[pvm] rip={r.rip:x} cpl={sregs.cs.selector & 3} hook={_hook.IsInstalled}@{_hook.HandlerVirtual:x} emulated={EmulatedInstructions} syscalls={SyscallsCompleted} pf={PageFaultHookHits}");
+        }
         if ((sregs.efer & (1UL << 10)) == 0 || sregs.idt.limit < 14 * 16 + 15)
             return;
         if (!ReadSyscallMsrs(out _, out ulong lstar, out _) || lstar == 0)
