@@ -219,7 +219,7 @@ public static class LinuxLoader
             Le.W16(zp, HdrVersion, 0x020f);
             Le.W32(zp, HdrKernelAlignment, 0x1000000);
             Le.W32(zp, HdrInitrdAddrMax, kernel.InitrdAddressMax);
-            Le.W32(zp, HdrCmdlineSize, KernelImage.ElfCommandLineMax + 1);
+            Le.W32(zp, HdrCmdlineSize, KernelImage.ElfCommandLineMax); // without the NUL (boot.rst cmdline_size)
             zp[HdrLoadFlags] = LoadedHigh;
         }
         zp[HdrTypeOfLoader] = LoaderTypeUndefined;

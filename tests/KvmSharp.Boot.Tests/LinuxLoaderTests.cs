@@ -292,6 +292,23 @@ public class LinuxLoaderTests
     }
 
     [Fact]
+    public void Mp_table_can_be_left_out()
+    {
+        using var m = Mem.Create(64 * Mem.MiB);
+        LinuxLoader.Load(m, Elf, new BootOptions { CpuCount = 2, WriteMpTable = false });
+        Assert.All(Mem.Read(m, LowMemory.MpTable, 16), b => Assert.Equal(0, b));
+    }
+
+    [Fact]
+    public void Elf_zero_page_reports_the_command_line_limit()
+    {
+        using var m = Mem.Create(64 * Mem.MiB);
+        LinuxLoader.Load(m, Elf, new BootOptions());
+        Assert.Equal(2047u, Mem.U32(m, LowMemory.ZeroPage + 0x238));
+        Assert.Equal(0x7fffffffu, Mem.U32(m, LowMemory.ZeroPage + 0x22c));
+    }
+
+    [Fact]
     public void Memory_below_one_mib_is_rejected()
     {
         using var m = GuestMemory.CreateForTesting([(new GuestAddress(0), 0x80000)]);
