@@ -151,7 +151,7 @@ ensure_build_deps() {
 }
 # Download pkg=version into the cache (once); print the .deb's path. No installation.
 fetch_deb() { # pkg version
-    local deb="$CACHE/debs/$1_${2//:/%3a}_amd64.deb" tmp
+    local deb="$CACHE/debs/$1_${2//:/%3a}.deb" tmp
     if [ ! -s "$deb" ]; then
         apt_has "$1" "$2" || die "apt does not offer $1=$2 (pins in guest/build.sh are out of date? 'apt-cache policy $1')"
         tmp=$(mktemp -d "$CACHE/debs/.dl.XXXXXX")
