@@ -72,23 +72,12 @@ public sealed class VirtioMmioTransport : IBusDevice, IVirtioInterrupt
     private const uint VIRTIO_MMIO_INT_VRING = 1;
     private const uint VIRTIO_MMIO_INT_CONFIG = 2;
 
-    // Features a driver may accept without the device offering them: none. Features the
-    // transport needs: VERSION_1 (this is a modern-only transport, §4.2.4 legacy interface absent).
-    private const ulong RequiredFeatures = VirtioFeatures.VERSION_1;
-
-    private readonly IVirtioDevice _device;
-    private readonly GuestMemory _memory;
     private readonly IInterruptLine _irq;
-    private readonly VirtQueue[] _queues;
+    private readonly VirtioTransportCore _core;
 
-    // Guards the fields below (not _interruptStatus/_configGeneration, which are atomics).
+    // Guards _core and _queueSel (not _interruptStatus/_configGeneration, which are atomics).
     private readonly Lock _lock = new();
-    private byte _status;
-    private uint _deviceFeaturesSel;
-    private uint _driverFeaturesSel;
-    private ulong _driverFeatures;
     private uint _queueSel;
-    private bool _activated;
 
     private int _interruptStatus;
     private int _configGeneration;
@@ -99,27 +88,19 @@ public sealed class VirtioMmioTransport : IBusDevice, IVirtioInterrupt
     /// invalid queue maximum size.</exception>
     public VirtioMmioTransport(IVirtioDevice device, GuestMemory memory, IInterruptLine irq)
     {
-        ArgumentNullException.ThrowIfNull(device);
-        ArgumentNullException.ThrowIfNull(memory);
         ArgumentNullException.ThrowIfNull(irq);
-        if ((device.DeviceFeatures & RequiredFeatures) != RequiredFeatures)
-            throw new ArgumentException("A virtio-mmio version 2 device must offer VIRTIO_F_VERSION_1.", nameof(device));
-        _device = device;
-        _memory = memory;
         _irq = irq;
-        _queues = new VirtQueue[device.QueueCount];
-        for (int i = 0; i < _queues.Length; i++)
-            _queues[i] = new VirtQueue(device.QueueMaxSize(i)); // throws ArgumentOutOfRangeException when invalid
+        _core = new VirtioTransportCore(device, memory, this);
     }
 
     /// <summary>The device status byte as the driver last set it (plus DEVICE_NEEDS_RESET).</summary>
     public byte DeviceStatus
     {
-        get { lock (_lock) return _status; }
+        get { lock (_lock) return _core.Status; }
     }
 
     /// <summary>The queues, for tests and for snapshotting.</summary>
-    public IReadOnlyList<VirtQueue> Queues => _queues;
+    public IReadOnlyList<VirtQueue> Queues => _core.Queues;
 
     /// <inheritdoc/>
     public void Signal(VirtioInterruptType type, int queueIndex)
@@ -142,7 +123,7 @@ public sealed class VirtioMmioTransport : IBusDevice, IVirtioInterrupt
         if (offset >= Config)
         {
             lock (_lock)
-                _device.ReadConfig(offset - Config, data);
+                _core.Device.ReadConfig(offset - Config, data);
             return;
         }
         if (data.Length != 4 || offset % 4 != 0)
@@ -162,7 +143,7 @@ public sealed class VirtioMmioTransport : IBusDevice, IVirtioInterrupt
         if (offset >= Config)
         {
             lock (_lock)
-                _device.WriteConfig(offset - Config, data);
+                _core.Device.WriteConfig(offset - Config, data);
             return;
         }
         if (data.Length != 4 || offset % 4 != 0)
@@ -172,7 +153,7 @@ public sealed class VirtioMmioTransport : IBusDevice, IVirtioInterrupt
             WriteRegisterLocked((int)offset, value);
     }
 
-    private VirtQueue? SelectedQueueLocked => _queueSel < (uint)_queues.Length ? _queues[_queueSel] : null;
+    private VirtQueue? SelectedQueueLocked => _queueSel < (uint)_core.Queues.Length ? _core.Queues[_queueSel] : null;
 
     private uint ReadRegisterLocked(int offset)
     {
@@ -180,15 +161,10 @@ public sealed class VirtioMmioTransport : IBusDevice, IVirtioInterrupt
         {
             case MagicValue: return MagicVirt;
             case Version: return MmioVersion;
-            case DeviceID: return _device.DeviceType;
+            case DeviceID: return _core.Device.DeviceType;
             case VendorID: return Vendor;
             case DeviceFeatures:
-                return _deviceFeaturesSel switch
-                {
-                    0 => (uint)_device.DeviceFeatures,
-                    1 => (uint)(_device.DeviceFeatures >> 32),
-                    _ => 0,
-                };
+                return _core.DeviceFeaturesWindow;
             case QueueNumMax:
                 // §4.2.2.1: 0 when the queue is not available.
                 return SelectedQueueLocked?.MaxSize ?? 0u;
@@ -199,7 +175,7 @@ public sealed class VirtioMmioTransport : IBusDevice, IVirtioInterrupt
             case InterruptStatus:
                 return (uint)Volatile.Read(ref _interruptStatus);
             case Status:
-                return _status;
+                return _core.Status;
             case QueueDescLow: return (uint)(SelectedQueueLocked?.DescriptorTable.Value ?? 0);
             case QueueDescHigh: return (uint)((SelectedQueueLocked?.DescriptorTable.Value ?? 0) >> 32);
             case QueueDriverLow: return (uint)(SelectedQueueLocked?.AvailableRing.Value ?? 0);
@@ -223,19 +199,13 @@ public sealed class VirtioMmioTransport : IBusDevice, IVirtioInterrupt
         switch (offset)
         {
             case DeviceFeaturesSel:
-                _deviceFeaturesSel = value;
+                _core.DeviceFeaturesSelect = value;
                 break;
             case DriverFeaturesSel:
-                _driverFeaturesSel = value;
+                _core.DriverFeaturesSelect = value;
                 break;
             case DriverFeatures:
-                // §3.1.1: features are written after DRIVER and before FEATURES_OK.
-                if (!HasStatus(VirtioDeviceStatus.DRIVER) || HasStatus(VirtioDeviceStatus.FEATURES_OK))
-                    break;
-                if (_driverFeaturesSel == 0)
-                    _driverFeatures = (_driverFeatures & 0xFFFF_FFFF_0000_0000UL) | value;
-                else if (_driverFeaturesSel == 1)
-                    _driverFeatures = (_driverFeatures & 0xFFFF_FFFFUL) | ((ulong)value << 32);
+                _core.WriteDriverFeatures(value);
                 break;
             case QueueSel:
                 _queueSel = value;
@@ -274,14 +244,18 @@ public sealed class VirtioMmioTransport : IBusDevice, IVirtioInterrupt
                 break;
             case QueueNotify:
                 // With VIRTIO_F_NOTIFICATION_DATA unoffered, the value is the queue index.
-                if (_activated && value < (uint)_queues.Length)
-                    _device.QueueNotify((int)value);
+                _core.Notify(value);
                 break;
             case InterruptACK:
                 Interlocked.And(ref _interruptStatus, ~(int)value);
                 break;
             case Status:
-                WriteStatusLocked((byte)value);
+                if (_core.WriteStatus((byte)value))
+                {
+                    // §4.2.2.1: reset clears InterruptStatus (the core cleared the queues).
+                    _queueSel = 0;
+                    Volatile.Write(ref _interruptStatus, 0);
+                }
                 break;
             case SHMSel:
             default:
@@ -293,81 +267,7 @@ public sealed class VirtioMmioTransport : IBusDevice, IVirtioInterrupt
     private bool QueueConfigurableLocked([System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out VirtQueue? queue)
     {
         queue = SelectedQueueLocked;
-        return queue is not null
-            && HasStatus(VirtioDeviceStatus.FEATURES_OK)
-            && !HasStatus(VirtioDeviceStatus.DRIVER_OK)
-            && !HasStatus(VirtioDeviceStatus.FAILED);
-    }
-
-    private bool HasStatus(byte bit) => (_status & bit) != 0;
-
-    private void WriteStatusLocked(byte value)
-    {
-        if (value == 0)
-        {
-            ResetLocked();
-            return;
-        }
-        // §2.1.1: the driver only sets bits (it never clears one except by reset).
-        byte added = (byte)(value & ~_status);
-        if ((value & _status) != _status)
-            return; // clearing bits without a reset: ignored
-
-        if ((added & VirtioDeviceStatus.FEATURES_OK) != 0)
-        {
-            // §3.1.1 step 5-6: accept only a subset of what was offered, with VERSION_1.
-            bool subset = (_driverFeatures & ~_device.DeviceFeatures) == 0;
-            bool modern = (_driverFeatures & VirtioFeatures.VERSION_1) != 0;
-            if (!subset || !modern || !HasStatus(VirtioDeviceStatus.DRIVER))
-                value = (byte)(value & ~VirtioDeviceStatus.FEATURES_OK); // driver sees it not set
-        }
-
-        if ((added & VirtioDeviceStatus.DRIVER_OK) != 0 && !_activated)
-        {
-            if ((value & VirtioDeviceStatus.FEATURES_OK) == 0)
-            {
-                value = (byte)(value & ~VirtioDeviceStatus.DRIVER_OK);
-            }
-            else if (!ActivateLocked())
-            {
-                // §2.1.2: the device signals an unrecoverable error with DEVICE_NEEDS_RESET and a
-                // configuration change notification.
-                _status = (byte)(value | VirtioDeviceStatus.DEVICE_NEEDS_RESET);
-                Signal(VirtioInterruptType.Config, 0);
-                return;
-            }
-        }
-        _status = (byte)(value | (_status & VirtioDeviceStatus.DEVICE_NEEDS_RESET));
-    }
-
-    private bool ActivateLocked()
-    {
-        foreach (var q in _queues)
-        {
-            if (q.Ready && !q.IsValid(_memory))
-                return false;
-            q.EventIndex = (_driverFeatures & VirtioFeatures.RING_EVENT_IDX) != 0;
-        }
-        if (!_device.Activate(_memory, _driverFeatures, _queues, this))
-            return false;
-        _activated = true;
-        return true;
-    }
-
-    private void ResetLocked()
-    {
-        // §4.2.2.1: reset clears InterruptStatus and every QueueReady.
-        if (_activated)
-            _device.Reset();
-        _activated = false;
-        _status = 0;
-        _driverFeatures = 0;
-        _deviceFeaturesSel = 0;
-        _driverFeaturesSel = 0;
-        _queueSel = 0;
-        foreach (var q in _queues)
-            q.Reset();
-        Volatile.Write(ref _interruptStatus, 0);
+        return queue is not null && _core.QueueConfigurable;
     }
 
     private static ulong SetLow(ulong current, uint low) => (current & 0xFFFF_FFFF_0000_0000UL) | low;

@@ -1,0 +1,153 @@
+using KvmSharp.Memory;
+
+namespace KvmSharp.Devices.Virtio;
+
+/// <summary>
+/// Transport-independent device state shared by virtio-mmio and virtio-pci: the status byte,
+/// feature negotiation, the queues and activation (virtio 1.2 §2.1, §2.2, §3.1.1).
+/// </summary>
+/// <remarks>Not thread-safe: the owning transport calls it under its lock.</remarks>
+internal sealed class VirtioTransportCore
+{
+    private readonly IVirtioDevice _device;
+    private readonly GuestMemory _memory;
+    private readonly IVirtioInterrupt _interrupt;
+
+    public VirtioTransportCore(IVirtioDevice device, GuestMemory memory, IVirtioInterrupt interrupt)
+    {
+        ArgumentNullException.ThrowIfNull(device);
+        ArgumentNullException.ThrowIfNull(memory);
+        if ((device.DeviceFeatures & VirtioFeatures.VERSION_1) == 0)
+            throw new ArgumentException("A modern virtio transport needs a device that offers VIRTIO_F_VERSION_1.", nameof(device));
+        _device = device;
+        _memory = memory;
+        _interrupt = interrupt;
+        Queues = new VirtQueue[device.QueueCount];
+        for (int i = 0; i < Queues.Length; i++)
+            Queues[i] = new VirtQueue(device.QueueMaxSize(i)); // throws ArgumentOutOfRangeException when invalid
+    }
+
+    public IVirtioDevice Device => _device;
+
+    public VirtQueue[] Queues { get; }
+
+    public byte Status { get; private set; }
+
+    public uint DeviceFeaturesSelect { get; set; }
+
+    public uint DriverFeaturesSelect { get; set; }
+
+    public ulong DriverFeatures { get; private set; }
+
+    public bool Activated { get; private set; }
+
+    public bool HasStatus(byte bit) => (Status & bit) != 0;
+
+    /// <summary>The 32 feature bits selected by <see cref="DeviceFeaturesSelect"/>.</summary>
+    public uint DeviceFeaturesWindow => DeviceFeaturesSelect switch
+    {
+        0 => (uint)_device.DeviceFeatures,
+        1 => (uint)(_device.DeviceFeatures >> 32),
+        _ => 0,
+    };
+
+    /// <summary>The 32 accepted feature bits selected by <see cref="DriverFeaturesSelect"/>.</summary>
+    public uint DriverFeaturesWindow => DriverFeaturesSelect switch
+    {
+        0 => (uint)DriverFeatures,
+        1 => (uint)(DriverFeatures >> 32),
+        _ => 0,
+    };
+
+    /// <summary>§3.1.1: features are written after DRIVER and before FEATURES_OK.</summary>
+    public void WriteDriverFeatures(uint value)
+    {
+        if (!HasStatus(VirtioDeviceStatus.DRIVER) || HasStatus(VirtioDeviceStatus.FEATURES_OK))
+            return;
+        if (DriverFeaturesSelect == 0)
+            DriverFeatures = (DriverFeatures & 0xFFFF_FFFF_0000_0000UL) | value;
+        else if (DriverFeaturesSelect == 1)
+            DriverFeatures = (DriverFeatures & 0xFFFF_FFFFUL) | ((ulong)value << 32);
+    }
+
+    /// <summary>Queue setup is allowed after FEATURES_OK and before DRIVER_OK (§3.1.1 steps 7-8).</summary>
+    public bool QueueConfigurable =>
+        HasStatus(VirtioDeviceStatus.FEATURES_OK) && !HasStatus(VirtioDeviceStatus.DRIVER_OK) && !HasStatus(VirtioDeviceStatus.FAILED);
+
+    /// <summary>Applies a driver write of the status byte.</summary>
+    /// <returns>True when the write was a reset (status 0); the transport then resets its own state.</returns>
+    public bool WriteStatus(byte value)
+    {
+        if (value == 0)
+        {
+            Reset();
+            return true;
+        }
+        // §2.1.1: the driver only sets bits; clearing one needs a reset.
+        if ((value & Status) != Status)
+            return false;
+        byte added = (byte)(value & ~Status);
+
+        if ((added & VirtioDeviceStatus.FEATURES_OK) != 0)
+        {
+            // §3.1.1 steps 5-6: accept only a subset of what was offered, with VERSION_1.
+            bool subset = (DriverFeatures & ~_device.DeviceFeatures) == 0;
+            bool modern = (DriverFeatures & VirtioFeatures.VERSION_1) != 0;
+            if (!subset || !modern || !HasStatus(VirtioDeviceStatus.DRIVER))
+                value = (byte)(value & ~VirtioDeviceStatus.FEATURES_OK); // the driver reads it back unset
+        }
+
+        if ((added & VirtioDeviceStatus.DRIVER_OK) != 0 && !Activated)
+        {
+            if ((value & VirtioDeviceStatus.FEATURES_OK) == 0)
+            {
+                value = (byte)(value & ~VirtioDeviceStatus.DRIVER_OK);
+            }
+            else if (!Activate())
+            {
+                // §2.1.2: an unrecoverable device error is DEVICE_NEEDS_RESET plus a configuration
+                // change notification.
+                Status = (byte)(value | VirtioDeviceStatus.DEVICE_NEEDS_RESET);
+                _interrupt.Signal(VirtioInterruptType.Config, 0);
+                return false;
+            }
+        }
+        Status = (byte)(value | (Status & VirtioDeviceStatus.DEVICE_NEEDS_RESET));
+        return false;
+    }
+
+    private bool Activate()
+    {
+        bool eventIndex = (DriverFeatures & VirtioFeatures.RING_EVENT_IDX) != 0;
+        foreach (var q in Queues)
+        {
+            if (q.Ready && !q.IsValid(_memory))
+                return false;
+            q.EventIndex = eventIndex;
+        }
+        if (!_device.Activate(_memory, DriverFeatures, Queues, _interrupt))
+            return false;
+        Activated = true;
+        return true;
+    }
+
+    private void Reset()
+    {
+        if (Activated)
+            _device.Reset();
+        Activated = false;
+        Status = 0;
+        DriverFeatures = 0;
+        DeviceFeaturesSelect = 0;
+        DriverFeaturesSelect = 0;
+        foreach (var q in Queues)
+            q.Reset();
+    }
+
+    /// <summary>Forwards a queue notification once the device runs.</summary>
+    public void Notify(uint queueIndex)
+    {
+        if (Activated && queueIndex < (uint)Queues.Length)
+            _device.QueueNotify((int)queueIndex);
+    }
+}
