@@ -58,6 +58,18 @@ public sealed record BootOptions
 /// <param name="StackPointer">Initial RSP/ESP.</param>
 public sealed record BootResult(BootEntryMode Mode, ulong EntryPoint, ulong BootInfoAddress, ulong PageTableBase, ulong GdtBase, ushort GdtLimit, ulong StackPointer)
 {
+    /// <summary>CR0 for the entry: PG|ET|PE (0x80000011) for Long64, ET|PE (0x11) for Pvh32. The kernel sets the rest itself.</summary>
+    public ulong Cr0 => Mode == BootEntryMode.Long64 ? 0x80000011UL : 0x11UL;
+
+    /// <summary>CR4 for the entry: PAE (0x20) for Long64, 0 for Pvh32.</summary>
+    public ulong Cr4 => Mode == BootEntryMode.Long64 ? 0x20UL : 0UL;
+
+    /// <summary>EFER for the entry: LME|LMA (0x500) for Long64, 0 for Pvh32.</summary>
+    public ulong Efer => Mode == BootEntryMode.Long64 ? 0x500UL : 0UL;
+
+    /// <summary>RFLAGS for the entry: only the always-one bit 1 (interrupts off).</summary>
+    public ulong Rflags => 0x2;
+
     /// <summary>The descriptors written at <see cref="GdtBase"/>, index = selector / 8.</summary>
     public IReadOnlyList<ulong> GdtEntries { get; init; } = [];
 

@@ -21,6 +21,7 @@ public class LinuxLoaderTests
         Assert.Equal(LowMemory.Pml4, r.PageTableBase);
         Assert.Equal(LowMemory.StackPointer, r.StackPointer);
         Assert.Equal(ElfBuilder.KernelBase + 0x11000, r.KernelEnd);
+        Assert.Equal((0x80000011UL, 0x20UL, 0x500UL, 2UL), (r.Cr0, r.Cr4, r.Efer, r.Rflags));
         byte[] text = Mem.Read(m, 0x1000000, 0x1000);
         Assert.Equal((byte)1, text[0]);
         Assert.Equal(unchecked((byte)(0xfff * 7 + 1)), text[0xfff]);
@@ -115,6 +116,7 @@ public class LinuxLoaderTests
         Assert.Equal(BootEntryMode.Pvh32, r.Mode);
         Assert.Equal(ElfBuilder.KernelBase + 0x100, r.EntryPoint);
         Assert.Equal(0UL, r.PageTableBase);
+        Assert.Equal((0x11UL, 0UL, 0UL), (r.Cr0, r.Cr4, r.Efer));
         ulong si = r.BootInfoAddress;
         Assert.Equal(LowMemory.PvhStartInfo, si);
         Assert.Equal(0x336ec578u, Mem.U32(m, si));
