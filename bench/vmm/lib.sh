@@ -27,7 +27,9 @@ find_kvmsharp() {
     if [ -n "${KVMSHARP:-}" ]; then
         KS=$KVMSHARP; KS_KIND="KVMSHARP=$KVMSHARP"
     elif [ -x "$ROOT/out/kvmsharp" ]; then
-        cp "$ROOT/out/kvmsharp" "$B/kvmsharp"
+        if ! cmp -s "$ROOT/out/kvmsharp" "$B/kvmsharp"; then   # rename, not overwrite: it may be running
+            cp "$ROOT/out/kvmsharp" "$B/kvmsharp.new.$$" && mv -f "$B/kvmsharp.new.$$" "$B/kvmsharp"
+        fi
         KS=$B/kvmsharp; KS_KIND="out/kvmsharp (NativeAOT, copied to build/)"
     elif [ -f "$ROOT/src/KvmSharp.Cli/bin/Release/net10.0/kvmsharp.dll" ]; then
         KS="dotnet $ROOT/src/KvmSharp.Cli/bin/Release/net10.0/kvmsharp.dll"; KS_KIND="JIT build (dotnet kvmsharp.dll)"
