@@ -234,6 +234,9 @@ public sealed class PciConfigSpace
         }
     }
 
+    /// <summary>Reads one byte (for devices inspecting their capabilities).</summary>
+    public byte GetUInt8(int offset) => _bytes[offset];
+
     /// <summary>Reads a little-endian 16-bit field (for devices inspecting their capabilities).</summary>
     public ushort GetUInt16(int offset) => BinaryPrimitives.ReadUInt16LittleEndian(_bytes.AsSpan(offset));
 

@@ -14,6 +14,13 @@ public interface IPciDevice
     /// the place to react to capability writes (MSI-X enable, say). Must be short.
     /// </summary>
     void ConfigWritten(int offset, int length);
+
+    /// <summary>
+    /// Called before a guest read of [<paramref name="offset"/>, <paramref name="offset"/> +
+    /// <paramref name="length"/>), under the root's lock: the place to refresh bytes computed on
+    /// demand (virtio's pci_cfg_data window). Must be short.
+    /// </summary>
+    void ConfigReading(int offset, int length);
 }
 
 /// <summary>
@@ -148,9 +155,12 @@ public sealed class PciRoot
         {
             IPciDevice? d = FindLocked(bus, device, function);
             if (d is null)
+            {
                 data.Fill(0xFF);
-            else
-                d.Config.Read(offset, data);
+                return;
+            }
+            d.ConfigReading(offset, data.Length);
+            d.Config.Read(offset, data);
         }
     }
 
@@ -227,6 +237,10 @@ public sealed class PciRoot
         public PciConfigSpace Config { get; } = new(0x8086, 0x0d57, 0x06_00_00);
 
         public void ConfigWritten(int offset, int length)
+        {
+        }
+
+        public void ConfigReading(int offset, int length)
         {
         }
     }

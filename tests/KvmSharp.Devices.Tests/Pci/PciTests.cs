@@ -22,6 +22,10 @@ internal sealed class FakePciDevice : IPciDevice
     public PciConfigSpace Config { get; }
 
     public void ConfigWritten(int offset, int length) => Writes.Add((offset, length));
+
+    public void ConfigReading(int offset, int length)
+    {
+    }
 }
 
 internal sealed class RecordingObserver : IPciBarObserver
