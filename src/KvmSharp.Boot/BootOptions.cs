@@ -41,6 +41,13 @@ public sealed record BootOptions
     /// <summary>Enter through the PVH note when the kernel has one; otherwise (or when false) the 64-bit entry is used.</summary>
     public bool PreferPvh { get; init; }
 
+    /// <summary>
+    /// Physical address of the ACPI RSDP when the VMM writes ACPI tables: passed as
+    /// hvm_start_info.rsdp_paddr (PVH) and boot_params.acpi_rsdp_addr (zero page, protocol 2.14+).
+    /// Null: none given; Linux then scans the EBDA and 0xE0000–0xFFFFF itself.
+    /// </summary>
+    public ulong? AcpiRsdpAddress { get; init; }
+
     /// <summary>Write the MP table for <see cref="CpuCount"/> CPUs (on by default; turn off when ACPI tables describe the CPUs).</summary>
     public bool WriteMpTable { get; init; } = true;
 }

@@ -12,6 +12,7 @@ namespace KvmSharp.Boot;
 public static class LinuxLoader
 {
     // struct boot_params offsets (arch/x86/include/uapi/asm/bootparam.h).
+    private const int BpAcpiRsdpAddr = 0x070;
     private const int BpExtRamdiskImage = 0x0c0;
     private const int BpExtRamdiskSize = 0x0c4;
     private const int BpExtCmdLinePtr = 0x0c8;
@@ -106,13 +107,13 @@ public static class LinuxLoader
         ushort cs, ds, tr;
         if (mode == BootEntryMode.Pvh32)
         {
-            bootInfo = WritePvhStartInfo(memory, map, initrdAddr, initrdSize);
+            bootInfo = WritePvhStartInfo(memory, map, initrdAddr, initrdSize, options.AcpiRsdpAddress ?? 0);
             gdt = [0, GdtCode32, GdtData, GdtTss];
             (cs, ds, tr) = (0x08, 0x10, 0x18);
         }
         else
         {
-            bootInfo = WriteZeroPage(memory, kernel, map, initrdAddr, initrdSize);
+            bootInfo = WriteZeroPage(memory, kernel, map, initrdAddr, initrdSize, options.AcpiRsdpAddress ?? 0);
             cr3 = WriteIdentityPageTables(memory);
             // 0x10/0x18 are __BOOT_CS/__BOOT_DS (boot.rst 64-bit protocol); the 64-bit TSS descriptor takes two slots.
             gdt = [0, GdtCode32, GdtCode64, GdtData, GdtTss, 0];
@@ -202,7 +203,7 @@ public static class LinuxLoader
         return (load + Entry64Offset, load + footprint);
     }
 
-    private static ulong WriteZeroPage(GuestMemory memory, KernelImage kernel, IReadOnlyList<E820Entry> map, ulong initrdAddr, ulong initrdSize)
+    private static ulong WriteZeroPage(GuestMemory memory, KernelImage kernel, IReadOnlyList<E820Entry> map, ulong initrdAddr, ulong initrdSize, ulong rsdp)
     {
         byte[] zp = new byte[LowMemory.ZeroPageSize];
         if (kernel.Format == KernelFormat.BzImage)
@@ -231,6 +232,7 @@ public static class LinuxLoader
         Le.W32(zp, HdrRamdiskSize, (uint)initrdSize);
         Le.W32(zp, BpExtRamdiskImage, 0);
         Le.W32(zp, BpExtRamdiskSize, 0);
+        Le.W64(zp, BpAcpiRsdpAddr, rsdp);
         zp[BpE820Entries] = (byte)map.Count;
         for (int i = 0; i < map.Count; i++)
         {
@@ -267,7 +269,7 @@ public static class LinuxLoader
     }
 
     /// <summary>struct hvm_start_info version 1 with the initrd as module 0 and the e820 map as memmap.</summary>
-    private static ulong WritePvhStartInfo(GuestMemory memory, IReadOnlyList<E820Entry> map, ulong initrdAddr, ulong initrdSize)
+    private static ulong WritePvhStartInfo(GuestMemory memory, IReadOnlyList<E820Entry> map, ulong initrdAddr, ulong initrdSize, ulong rsdp)
     {
         byte[] si = new byte[56];
         Le.W32(si, 0, HvmStartMagic);
@@ -276,7 +278,7 @@ public static class LinuxLoader
         Le.W32(si, 12, initrdSize > 0 ? 1u : 0u); // nr_modules
         Le.W64(si, 16, initrdSize > 0 ? LowMemory.PvhModlist : 0);
         Le.W64(si, 24, LowMemory.CommandLine);  // cmdline_paddr
-        Le.W64(si, 32, 0);                      // rsdp_paddr: none (no ACPI yet)
+        Le.W64(si, 32, rsdp);                   // rsdp_paddr (0 = none)
         Le.W64(si, 40, LowMemory.PvhMemmap);
         Le.W32(si, 48, (uint)map.Count);
         if (initrdSize > 0)

@@ -294,6 +294,16 @@ public class LinuxLoaderTests
     }
 
     [Fact]
+    public void Acpi_rsdp_is_passed_in_both_modes()
+    {
+        using var m = Mem.Create(64 * Mem.MiB);
+        LinuxLoader.Load(m, Elf, new BootOptions { AcpiRsdpAddress = 0xE0000 });
+        Assert.Equal(0xE0000UL, Mem.U64(m, LowMemory.ZeroPage + 0x70));
+        var r = LinuxLoader.Load(m, Elf, new BootOptions { AcpiRsdpAddress = 0xE0000, PreferPvh = true });
+        Assert.Equal(0xE0000UL, Mem.U64(m, r.BootInfoAddress + 32));
+    }
+
+    [Fact]
     public void Mp_table_can_be_left_out()
     {
         using var m = Mem.Create(64 * Mem.MiB);
