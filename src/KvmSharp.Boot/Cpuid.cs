@@ -111,6 +111,11 @@ public static class CpuidShaper
                     // ECX[7:0] NC = cores - 1; ECX[15:12] ApicIdCoreIdSize (AMD APM Vol. 3, E.4.7).
                     e = e with { Ecx = (e.Ecx & ~0xf0ffu) | (count - 1) | ((uint)coreShift << 12) };
                     break;
+                case 0x8000001E when amd:
+                    // Extended APIC id; compute unit id = vCPU (one thread per unit, EBX[15:8] = 0);
+                    // node 0, one node per processor (AMD APM Vol. 3, E.4.14 / PPR "Core Identifiers").
+                    e = e with { Eax = apicId, Ebx = (e.Ebx & ~0xffffu) | (apicId & 0xff), Ecx = e.Ecx & ~0x7ffu };
+                    break;
             }
             result.Add(e);
         }

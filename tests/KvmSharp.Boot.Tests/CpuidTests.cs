@@ -128,6 +128,15 @@ public class CpuidTests
     }
 
     [Fact]
+    public void Amd_leaf_8000001e_gives_each_vcpu_its_own_compute_unit()
+    {
+        var amd = Intel().Select(e => e.Function == 0 ? e with { Ebx = 0x68747541, Edx = 0x69746e65, Ecx = 0x444d4163 } : e)
+            .Append(new CpuidEntry(0x8000001E, 0, 0, 7, 0x0107, 0x0103, 0)).ToArray();
+        var e = One(CpuidShaper.ForVcpu(amd, 3, 4, CpuTemplate.None), 0x8000001E);
+        Assert.Equal((3u, 3u, 0u, 0u), (e.Eax, e.Ebx, e.Ecx, e.Edx));
+    }
+
+    [Fact]
     public void Bad_arguments_are_rejected()
     {
         Assert.Throws<ArgumentOutOfRangeException>(() => CpuidShaper.ForVcpu(Intel(), 2, 2, CpuTemplate.None));
