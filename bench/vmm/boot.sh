@@ -20,7 +20,8 @@ run_timed() {
     local log=$1 to=$2; shift 2
     local t0=${EPOCHREALTIME/./} line now
     set +e
-    timeout -s TERM -k 10 "$to" "$@" </dev/null 2>&1 | while IFS= read -r line || [ -n "$line" ]; do
+    # (in a subshell, so that bash does not report a VMM that aborts, e.g. QEMU's assertion)
+    (timeout -s TERM -k 10 "$to" "$@" </dev/null 2>&1; exit $?) | while IFS= read -r line || [ -n "$line" ]; do
         now=${EPOCHREALTIME/./}
         printf '%d.%06d %s\n' $(((now - t0) / 1000000)) $(((now - t0) % 1000000)) "${line//$'\r'/}"
     done >"$log"
@@ -29,7 +30,8 @@ run_timed() {
     local t1=${EPOCHREALTIME/./}
     ELAPSED=$(awk -v d=$((t1 - t0)) 'BEGIN{printf "%.2f", d/1e6}')
 }
-at() { awk -v p="$2" 'index($0, p) {print $1; exit}' "$1"; }   # time of the first line containing $2
+# time of the first line containing $2, or "never"
+at() { awk -v p="$2" 'index($0, p) {print $1; f=1; exit} END {if (!f) print "never"}' "$1"; }
 
 echo "### boot to init"
 echo
@@ -46,8 +48,8 @@ kvm_row() {  # name kernel initrd timeout
         local log=$B/boot-$name-$r.log
         run_timed "$log" "$to" $KS run --cpus 1 --memory 512M --kernel "$ROOT/$kernel" --initrd "$ROOT/$initrd" --cmdline "$CMDLINE"
         printf '| kvmsharp, %s | `%s` | **%s** | %s | %s | %s | %s (%s) |\n' "$name" "$kernel" \
-            "$(at "$log" KVMSHARP-READY || true)" "$(at "$log" 'Linux version' || true)" "$(at "$log" 'Run /init' || true)" \
-            "$ELAPSED" "$RC" "$(tail -n 1 "$log" | cut -c1-80 | tr '|' '/')"
+            "$(at "$log" KVMSHARP-READY)" "$(at "$log" 'Linux version')" "$(at "$log" 'Run /init')" \
+            "$ELAPSED" "$RC" "$(tail -n 1 "$log" | cut -d' ' -f2- | tr -cd '[:print:]' | tr '|' '/' | cut -c1-100)"
     done
 }
 qemu_row() {  # cpu
@@ -58,9 +60,9 @@ qemu_row() {  # cpu
     run_timed "$log" "$to" $QEMU -accel kvm -cpu "$cpu" -m 512M -nographic -no-reboot \
         -kernel "$ROOT/guest/out/minimal/bzImage" -initrd "$ROOT/guest/out/initrd.cpio" -append "$CMDLINE"
     local last
-    last=$(grep -v '^[0-9.]* *$' "$log" | tail -n 2 | cut -d' ' -f2- | tr '\n' ' ' | tr '|' '/' | cut -c1-200)
+    last=$(grep -v '^[0-9.]* *$' "$log" | tail -n 2 | cut -d' ' -f2- | tr '\n' ' ' | sed 's/\x1b\[[0-9;?]*[a-zA-Z]//g' | tr -cd '[:print:]' | tr '|' '/' | cut -c1-200)
     printf '| qemu -accel kvm -cpu %s | `guest/out/minimal/bzImage` | %s | %s | %s | %s | %s (%s) |\n' "$cpu" \
-        "$(at "$log" KVMSHARP-READY || echo 'never')" "$(at "$log" 'Linux version' || echo '–')" "$(at "$log" 'Run /init' || echo '–')" \
+        "$(at "$log" KVMSHARP-READY)" "$(at "$log" 'Linux version')" "$(at "$log" 'Run /init')" \
         "$ELAPSED" "$RC$([ "$RC" = 124 ] && echo ' = timeout')" "$last"
 }
 echo "| VMM, guest | kernel | **KVMSHARP-READY s** | 'Linux version' s | 'Run /init' s | process ended s | exit status (last console line) |"
