@@ -168,9 +168,13 @@ int main(int argc, char **argv)
         case KVM_EXIT_IO:
             if (run->io.direction == KVM_EXIT_IO_OUT && run->io.port == 0xf4) {
                 uint8_t v = *((uint8_t *)run + run->io.data_offset);
-                if (verbose)
-                    fprintf(stderr, "refvmm: %llu exits in %.3f ms (%.3f us/exit)\n", (unsigned long long)exits,
-                            (now_ns() - t0) / 1e6, (now_ns() - t0) / 1e3 / exits);
+                if (verbose) {
+                    struct kvm_sregs s;
+                    ioctl(vcpu, KVM_GET_SREGS, &s);
+                    fprintf(stderr, "refvmm: %llu exits in %.3f ms (%.3f us/exit); at the exit CS=%#x (CPL %d)\n",
+                            (unsigned long long)exits, (now_ns() - t0) / 1e6, (now_ns() - t0) / 1e3 / exits,
+                            s.cs.selector, s.cs.selector & 3);
+                }
                 exit((v << 1) | 1);
             }
             break; /* port 0x80 and anything else: ignored */
