@@ -26,7 +26,7 @@ internal static class PayloadDecompressor
 
     public static string? Detect(ReadOnlySpan<byte> p)
     {
-        if (p.Length >= 2 && p[0] == 0x1f && (p[1] == 0x8b || p[1] == 0x9e))
+        if (p.Length >= 2 && p[0] == 0x1f && p[1] == 0x8b)
             return "gzip";
         if (p.Length >= 6 && p[..6].SequenceEqual((ReadOnlySpan<byte>)[0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00]))
             return "xz";

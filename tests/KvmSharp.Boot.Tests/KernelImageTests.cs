@@ -118,6 +118,27 @@ public class KernelImageTests
     }
 
     [Fact]
+    public void Load_reads_a_file_and_reports_a_directory_clearly()
+    {
+        string dir = Path.Combine(Path.GetTempPath(), "kvmsharp-boot-" + Guid.NewGuid().ToString("N"));
+        Directory.CreateDirectory(dir);
+        try
+        {
+            string file = Path.Combine(dir, "vmlinux");
+            File.WriteAllBytes(file, ElfBuilder.Simple());
+            var k = KernelImage.Load(file);
+            Assert.Equal(file, k.Name);
+            Assert.True(k.HasPvhEntry);
+            var e = Assert.Throws<BootException>(() => KernelImage.Load(dir));
+            Assert.Contains(dir, e.Message);
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
+    }
+
+    [Fact]
     public void BzImage_gzip_is_parsed_and_decompressed()
     {
         byte[] elf = ElfBuilder.Simple();
