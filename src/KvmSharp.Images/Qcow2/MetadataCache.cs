@@ -43,16 +43,22 @@ internal sealed class MetadataCache
     }
 
     /// <summary>The least recently used slot (empty slots first); the caller writes it back if dirty.</summary>
+    /// <remarks>Clean slots are preferred: evicting a dirty one costs the owner an ordered metadata flush
+    /// (with fsyncs), after which every slot is clean again.</remarks>
     public int Victim()
     {
-        int best = 0;
-        long bestUse = long.MaxValue;
+        int best = -1, bestDirty = 0;
+        long bestUse = long.MaxValue, bestDirtyUse = long.MaxValue;
         for (int i = 0; i < Slots; i++)
         {
             if (_offset[i] == 0) return i;
-            if (_used[i] < bestUse) { bestUse = _used[i]; best = i; }
+            if (_dirty[i])
+            {
+                if (_used[i] < bestDirtyUse) { bestDirtyUse = _used[i]; bestDirty = i; }
+            }
+            else if (_used[i] < bestUse) { bestUse = _used[i]; best = i; }
         }
-        return best;
+        return best >= 0 ? best : bestDirty;
     }
 
     public void Assign(int slot, ulong offset)

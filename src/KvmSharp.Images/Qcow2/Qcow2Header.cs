@@ -286,6 +286,12 @@ internal sealed class Qcow2Header
 
         if (BackingFormat is not null)
             pos = WriteExt(cluster, pos, Qcow2Const.ExtBackingFormat, Encoding.UTF8.GetBytes(BackingFormat));
+        // The feature name table is optional (qcow2.txt "Feature name table"); with 512-byte clusters it
+        // may not fit next to a backing name, and then it is left out, as QEMU does.
+        int backingLen = BackingFile is null ? 0 : Encoding.UTF8.GetByteCount(BackingFile);
+        int unknownLen = 0;
+        foreach (var (_, d) in UnknownExtensions) unknownLen += 8 + ((d.Length + 7) & ~7);
+        if (pos + 8 + 8 * 48 + unknownLen + 8 + backingLen > cluster.Length) writeFeatureTable = false;
         if (Version >= 3 && writeFeatureTable)
         {
             (int, int, string)[] names =
