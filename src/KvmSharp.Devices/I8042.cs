@@ -182,7 +182,7 @@ public sealed class I8042 : IBusDevice
             case CMD_READ_CTR:
                 QueueLocked(_ctr);
                 break;
-            case > CMD_READ_CTR and < CMD_WRITE_CTR:
+            case > CMD_READ_CTR and <= 0x3F:
                 QueueLocked(0); // other controller RAM bytes: unused, zero
                 break;
             case >= CMD_WRITE_CTR and <= 0x7F:
