@@ -1,7 +1,7 @@
 namespace KvmSharp.Boot;
 
 /// <summary>One PT_LOAD segment of an ELF kernel: file bytes [Offset, Offset+FileSize) go to PhysicalAddress; the rest of MemorySize is zeroed.</summary>
-public readonly record struct ElfSegment(ulong Offset, ulong FileSize, ulong PhysicalAddress, ulong MemorySize);
+internal readonly record struct ElfSegment(ulong Offset, ulong FileSize, ulong PhysicalAddress, ulong MemorySize);
 
 /// <summary>
 /// A validated ELF64 x86-64 executable (vmlinux). Every header field is checked with overflow-safe
