@@ -13,5 +13,6 @@ fi
 
 dotnet publish src/KvmSharp.Cli/KvmSharp.Cli.csproj -c Release -r linux-x64 -o out/publish -nologo -v quiet "$@"
 mkdir -p out
-cp out/publish/kvmsharp out/kvmsharp
+# Replace atomically: a running kvmsharp keeps its old inode ("Text file busy" otherwise).
+cp out/publish/kvmsharp out/kvmsharp.new && mv -f out/kvmsharp.new out/kvmsharp
 echo "built $(pwd)/out/kvmsharp ($(du -h out/kvmsharp | cut -f1))"

@@ -173,7 +173,7 @@ public sealed class Vm : IDisposable
     /// <summary>Runs the guest until it ends; returns why. Blocks the calling thread.</summary>
     public VmExit Run(CancellationToken cancel = default)
     {
-        using var sigusr2 = PosixSignalRegistration.Create((PosixSignal)Libc.SIGUSR2, ctx => ctx.Cancel = true);
+        EnsureKickSignal();
         using var sigint = PosixSignalRegistration.Create(PosixSignal.SIGINT, ctx => { ctx.Cancel = true; RequestStop(VmExit.Of(VmExitKind.Signal, "SIGINT", 2)); });
         using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, ctx => { ctx.Cancel = true; RequestStop(VmExit.Of(VmExitKind.Signal, "SIGTERM", 15)); });
         using var reg = cancel.Register(() => RequestStop(VmExit.Of(VmExitKind.Signal, "cancelled", 15)));
@@ -199,6 +199,23 @@ public sealed class Vm : IDisposable
         if (_panic.Seen && exit.Kind is VmExitKind.GuestReboot or VmExitKind.GuestPowerOff)
             exit = VmExit.Of(VmExitKind.GuestPanic, "guest kernel panicked (\"Kernel panic - not syncing\" on the console), then " + exit.Detail);
         return exit;
+    }
+
+    private static PosixSignalRegistration? s_kickSignal;
+
+    /// <summary>
+    /// SIGUSR2 kicks vCPU threads out of KVM_RUN (never SIGRTMIN, which CoreCLR uses). Registered once
+    /// for the life of the process: a kick still in flight when a VM ends must not meet the default
+    /// action (terminate), which is what disposing the registration would restore.
+    /// </summary>
+    private static void EnsureKickSignal()
+    {
+        if (Volatile.Read(ref s_kickSignal) is null)
+        {
+            var reg = PosixSignalRegistration.Create((PosixSignal)Libc.SIGUSR2, ctx => ctx.Cancel = true);
+            if (Interlocked.CompareExchange(ref s_kickSignal, reg, null) is not null)
+                reg.Dispose();
+        }
     }
 
     /// <summary>Statistics for diagnostics and tests.</summary>
