@@ -58,6 +58,9 @@ internal static class PayloadDecompressor
         // appends it so no decoder sees trailing bytes after its stream.
         uint sizeHint = Le.U32(data, offset + length - 4);
         int streamLength = format == "gzip" ? length : length - 4;
+        // An xz stream ends in "YZ": when that is the payload's last two bytes, there is no trailer to strip.
+        if (format == "xz" && data[offset + length - 2] == (byte)'Y' && data[offset + length - 1] == (byte)'Z')
+            streamLength = length;
         try
         {
             return format switch

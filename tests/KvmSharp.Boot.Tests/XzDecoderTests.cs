@@ -29,6 +29,17 @@ public class XzDecoderTests
     }
 
     [Fact]
+    public void Payload_without_size_trailer_is_accepted()
+    {
+        byte[] data = Sample();
+        byte[]? xz = BzImageBuilder.ViaTool("xz", "--format=xz --check=crc32 --x86 -c", data);
+        if (xz is null)
+            Assert.Skip("xz is not installed.");
+        byte[] bare = xz[..^4];
+        Assert.Equal(data, PayloadDecompressor.Decompress(bare, 0, bare.Length, "xz", "t"));
+    }
+
+    [Fact]
     public void Unsupported_filter_is_named()
     {
         byte[]? xz = BzImageBuilder.ViaTool("xz", "--format=xz --delta=dist=4 --lzma2 -c", Sample());
