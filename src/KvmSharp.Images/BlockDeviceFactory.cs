@@ -15,7 +15,17 @@ public static class BlockDeviceFactory
         => Open(path, readOnly, format, openBacking: true);
 
     public static IBlockDevice Open(string path, bool readOnly, string? format, bool openBacking)
-        => OpenChain(path, readOnly, format, 0, new HashSet<string>(StringComparer.Ordinal), openBacking);
+    {
+        try
+        {
+            return OpenChain(path, readOnly, format, 0, new HashSet<string>(StringComparer.Ordinal), openBacking);
+        }
+        catch (ArgumentException e)
+        {
+            // Path APIs reject names with NUL and the like; a hostile backing name must not escape as this.
+            throw new ImageException(ImageErrorKind.InvalidFormat, path, $"invalid file name in backing chain: {e.Message}", -1, e);
+        }
+    }
 
     /// <summary>"qcow2" when the file starts with the qcow2 magic, otherwise "raw".</summary>
     public static string Probe(string path)

@@ -429,7 +429,7 @@ public sealed class Qcow2Image : IBlockDevice
                 int n = _zstd.Unwrap(src[..(int)frame], dst);
                 return n == dst.Length;
             }
-            catch (ZstdSharp.ZstdException) { return false; }
+            catch (Exception e) when (e is ZstdSharp.ZstdException or ArgumentException or InvalidOperationException) { return false; }
         }
         // zlib: raw deflate (QEMU uses window bits -12). DeflateStream allocates; see README.
         try
@@ -452,7 +452,7 @@ public sealed class Qcow2Image : IBlockDevice
                 }
             }
         }
-        catch (InvalidDataException) { return false; }
+        catch (Exception e) when (e is InvalidDataException or IOException) { return false; }
     }
 
     // ---------------------------------------------------------------- write
@@ -472,6 +472,8 @@ public sealed class Qcow2Image : IBlockDevice
         {
             CheckDataOffset(host, vc);
             CheckNotMetadata(host, vc);
+            if (host + (ulong)_cs > _fileEnd)
+                MarkCorruptAndThrow($"L2 entry for cluster {vc} points past the end of the file (0x{host:x})", host);
             bool inPlace = _ext ? SubclustersAllocated(bm, inC, data.Length) : !(_v3 && (e & Qcow2Const.ZeroFlag) != 0);
             if (inPlace)
             {

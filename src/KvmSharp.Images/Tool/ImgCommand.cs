@@ -49,6 +49,16 @@ public static partial class ImgCommand
             stderr.WriteLine("img: " + e.ToUserString());
             return cmd == "compare" ? 2 : 1;
         }
+        catch (Exception e) when (e is OverflowException or FormatException)
+        {
+            stderr.WriteLine("img: invalid number: " + e.Message);
+            return 1;
+        }
+        catch (Exception e) when (e is ArgumentException)
+        {
+            stderr.WriteLine("img: " + e.Message);
+            return 1;
+        }
     }
 
     private const string Usage = """
