@@ -1,0 +1,170 @@
+using System.Security.Cryptography;
+using KvmSharp.Memory;
+
+namespace KvmSharp.Devices.Virtio;
+
+/// <summary>
+/// virtio entropy device (virtio 1.2 §5.4): one request queue; the device fills each
+/// device-writable buffer with random bytes from the host's CSPRNG.
+/// </summary>
+/// <remarks>
+/// <para>Work per request is bounded by <see cref="MaxBytesPerRequest"/> (§5.4.6.1: the device
+/// MAY use less than the whole buffer), so processing is short enough to run inline on the
+/// notifying thread: <see cref="QueueNotify"/> processes the queue directly. The VMM may instead
+/// call <see cref="ProcessQueue"/> from its I/O thread when the queue's ioeventfd fires.</para>
+/// <para>Malformed chains are returned with length 0 and counted; an impossible ring stops the
+/// device until reset (<see cref="Broken"/>).</para>
+/// <para>Threads: <see cref="ProcessQueue"/>, <see cref="Activate"/> and <see cref="Reset"/>
+/// serialise on one lock; the interrupt is signalled under it (it never blocks).</para>
+/// </remarks>
+public sealed class VirtioRng : IVirtioDevice
+{
+    /// <summary>Upper bound of random bytes returned per request.</summary>
+    public const int MaxBytesPerRequest = 64 * 1024;
+
+    private readonly ushort _queueSize;
+    private readonly DescriptorChain _chain;
+    private readonly byte[] _scratch = new byte[4096];
+
+    // Guards everything below.
+    private readonly Lock _lock = new();
+    private GuestMemory? _memory;
+    private VirtQueue? _queue;
+    private IVirtioInterrupt? _interrupt;
+    private long _badChains;
+    private long _bytesServed;
+
+    /// <summary>Creates the device with a request queue of at most <paramref name="queueSize"/> entries.</summary>
+    /// <exception cref="ArgumentOutOfRangeException">The size is not a power of two up to 32768.</exception>
+    public VirtioRng(ushort queueSize = 256)
+    {
+        _ = new VirtQueue(queueSize); // validates the size
+        _queueSize = queueSize;
+        _chain = new DescriptorChain(queueSize);
+    }
+
+    /// <inheritdoc/>
+    public uint DeviceType => VirtioDeviceType.Entropy;
+
+    /// <inheritdoc/>
+    /// <remarks>No device-specific features (§5.4.3).</remarks>
+    public ulong DeviceFeatures => VirtioFeatures.VERSION_1 | VirtioFeatures.RING_INDIRECT_DESC | VirtioFeatures.RING_EVENT_IDX;
+
+    /// <inheritdoc/>
+    public int QueueCount => 1;
+
+    /// <summary>Malformed chains seen since creation.</summary>
+    public long BadChains => Interlocked.Read(ref _badChains);
+
+    /// <summary>Random bytes handed to the guest since creation.</summary>
+    public long BytesServed => Interlocked.Read(ref _bytesServed);
+
+    /// <summary>True after the driver corrupted the ring; cleared by reset.</summary>
+    public bool Broken { get; private set; }
+
+    /// <inheritdoc/>
+    public ushort QueueMaxSize(int index) => _queueSize;
+
+    /// <inheritdoc/>
+    /// <remarks>No configuration space (§5.4.4): reads 0.</remarks>
+    public void ReadConfig(ulong offset, Span<byte> data) => data.Clear();
+
+    /// <inheritdoc/>
+    public void WriteConfig(ulong offset, ReadOnlySpan<byte> data)
+    {
+    }
+
+    /// <inheritdoc/>
+    public bool Activate(GuestMemory memory, ulong negotiatedFeatures, IReadOnlyList<VirtQueue> queues, IVirtioInterrupt interrupt)
+    {
+        ArgumentNullException.ThrowIfNull(memory);
+        ArgumentNullException.ThrowIfNull(queues);
+        ArgumentNullException.ThrowIfNull(interrupt);
+        lock (_lock)
+        {
+            if (queues.Count != 1 || !queues[0].Ready)
+                return false; // the request queue is the device's only function
+            _memory = memory;
+            _queue = queues[0];
+            _interrupt = interrupt;
+            Broken = false;
+        }
+        return true;
+    }
+
+    /// <inheritdoc/>
+    public void Reset()
+    {
+        lock (_lock)
+        {
+            _memory = null;
+            _queue = null;
+            _interrupt = null;
+            Broken = false;
+        }
+    }
+
+    /// <inheritdoc/>
+    public void QueueNotify(int queueIndex)
+    {
+        if (queueIndex == 0)
+            ProcessQueue();
+    }
+
+    /// <summary>Serves every available request, then signals the driver if it wants it.</summary>
+    public void ProcessQueue()
+    {
+        lock (_lock)
+        {
+            if (_queue is not { } queue || _memory is not { } memory || _interrupt is not { } interrupt || Broken)
+                return;
+            bool used = false;
+            while (true)
+            {
+                PopResult result;
+                while ((result = queue.TryPop(memory, _chain)) != PopResult.Empty)
+                {
+                    if (result == PopResult.BrokenRing)
+                    {
+                        Broken = true;
+                        break;
+                    }
+                    uint written = 0;
+                    if (result == PopResult.Chain)
+                        written = Fill(memory);
+                    else
+                        Interlocked.Increment(ref _badChains);
+                    if (!queue.TryAddUsed(memory, _chain.Head, written))
+                    {
+                        Broken = true;
+                        break;
+                    }
+                    used = true;
+                }
+                // With EVENT_IDX the driver kicks only when avail.idx passes avail_event: move it
+                // forward, then look again for buffers that raced with the update (§2.7.10).
+                if (Broken || !queue.EnableNotification(memory))
+                    break;
+            }
+            if (used && queue.NeedsNotification(memory))
+                interrupt.Signal(VirtioInterruptType.Queue, 0);
+        }
+    }
+
+    private uint Fill(GuestMemory memory)
+    {
+        var writer = new ChainWriter(memory, _chain);
+        int budget = (int)Math.Min(writer.Remaining, (uint)MaxBytesPerRequest);
+        while (budget > 0)
+        {
+            Span<byte> chunk = _scratch.AsSpan(0, Math.Min(budget, _scratch.Length));
+            RandomNumberGenerator.Fill(chunk);
+            int n = writer.Write(chunk);
+            if (n == 0)
+                break;
+            budget -= n;
+        }
+        Interlocked.Add(ref _bytesServed, writer.BytesWritten);
+        return writer.BytesWritten;
+    }
+}
