@@ -164,8 +164,13 @@ public sealed class Qcow2Image : IBlockDevice
         if (end > _fileEnd) _fileEnd = (end + _cmask) & ~_cmask;
     }
 
+    /// <summary>cache=unsafe (qemu-img convert's default for the target): no fsync at all. Ordering of
+    /// writes is kept, so a killed process still leaves only leaks; a power loss may lose more.</summary>
+    internal bool NoSync { get; set; }
+
     private void Sync()
     {
+        if (NoSync) return;
         try { RandomAccess.FlushToDisk(_file); }
         catch (IOException e) { ThrowHelper.Io(_path, "fsync", e); }
     }

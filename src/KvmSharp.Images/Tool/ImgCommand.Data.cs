@@ -141,6 +141,10 @@ public static partial class ImgCommand
         using var d = BlockDeviceFactory.Open(dst, false, ofmt, openBacking: false);
         if (d.Size < size) throw new ImageException(ImageErrorKind.InvalidArgument, dst, "output image is smaller than the source");
         var q = d as Qcow2Image;
+        // qemu-img convert writes the target with cache=unsafe unless -t says otherwise: no fsync.
+        string cache = a.Get("t") ?? "unsafe";
+        bool unsafeCache = cache == "unsafe";
+        if (q is not null) q.NoSync = unsafeCache;
         int gran = q?.ClusterSize ?? 65536;
         int bufSize = Math.Max(gran, 2 << 20);
         var buf = new byte[bufSize];
@@ -185,7 +189,7 @@ public static partial class ImgCommand
             }
         }
         if (progress) o.WriteLine("    (100.00/100%)");
-        d.Flush();
+        if (!unsafeCache || q is not null) d.Flush(); // qcow2: metadata written (fsync skipped when unsafe)
         return 0;
     }
 
