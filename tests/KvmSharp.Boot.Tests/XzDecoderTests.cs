@@ -32,7 +32,7 @@ public class XzDecoderTests
     public void Payload_without_size_trailer_is_accepted()
     {
         byte[] data = Sample();
-        byte[]? xz = BzImageBuilder.ViaTool("xz", "--format=xz --check=crc32 --x86 -c", data);
+        byte[]? xz = BzImageBuilder.ViaTool("xz", "--format=xz --check=crc32 --x86 --lzma2=preset=6 -c", data);
         if (xz is null)
             Assert.Skip("xz is not installed.");
         byte[] bare = xz[..^4];
