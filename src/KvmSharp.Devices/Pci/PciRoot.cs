@@ -285,7 +285,7 @@ public sealed class PciRoot
                     lock (root._lock)
                         root._configAddress = BinaryPrimitives.ReadUInt32LittleEndian(data);
                 }
-                return; // byte writes to 0xCF9 (reset control on Intel chipsets) are not modelled
+                return; // a byte at 0xCF9 is the reset control register: see ResetControl.CombineWithPciConfigIo
             }
             uint address;
             lock (root._lock)
