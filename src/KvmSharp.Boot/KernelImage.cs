@@ -228,4 +228,9 @@ public sealed class KernelImage
     }
 
     internal static string Version(ushort v) => $"{v >> 8}.{v & 0xff:D2}";
+
+    /// <summary>One line for logs, e.g. "bzImage protocol 2.15, xz payload, PVH entry".</summary>
+    public override string ToString() => Format == KernelFormat.Elf
+        ? $"ELF vmlinux{(HasPvhEntry ? ", PVH entry" : "")}"
+        : $"bzImage protocol {Version(BootProtocolVersion)}, {Compression ?? "unknown"} payload{(_elf is null ? " (not decompressible here)" : "")}{(HasPvhEntry ? ", PVH entry" : "")}";
 }

@@ -153,6 +153,8 @@ public class KernelImageTests
         Assert.True(k.Relocatable);
         Assert.Equal(elf, k.ElfBytes);
         Assert.Equal(0x26c - 0x1f1, k.SetupHeaderLength);
+        Assert.Equal("bzImage protocol 2.15, gzip payload, PVH entry", k.ToString());
+        Assert.Equal("ELF vmlinux", KernelImage.Parse(ElfBuilder.Simple(pvh: false), "e").ToString());
     }
 
     public static TheoryData<string> Formats => ["zstd", "lz4", "bzip2", "xz", "lzma"];
