@@ -7,10 +7,6 @@ namespace KvmSharp.Vmm.Cpu;
 /// <summary>Turns the boot loader's results into vCPU state: CPUID, MSRs, LAPIC LVTs, registers.</summary>
 internal static class VcpuSetup
 {
-    private const ulong CR0_PE = 1, CR0_ET = 1 << 4, CR0_NE = 1 << 5, CR0_PG = 1UL << 31;
-    private const ulong CR4_PAE = 1 << 5;
-    private const ulong EFER_LME = 1 << 8, EFER_LMA = 1 << 10;
-
     public static void SetCpuid(KvmVcpu vcpu, kvm_cpuid_entry2[] supported, int cpuCount, CpuTemplate template)
     {
         var neutral = new CpuidEntry[supported.Length];
@@ -73,23 +69,16 @@ internal static class VcpuSetup
         s.gdt.limit = boot.GdtLimit;
         s.idt.@base = 0;
         s.idt.limit = 0;
-        var regs = new kvm_regs { rip = boot.EntryPoint, rflags = 2, rsp = boot.StackPointer };
+        // Control registers come from the boot loader, which knows what each entry mode needs.
+        s.cr0 = boot.Cr0;
+        s.cr3 = boot.PageTableBase;
+        s.cr4 = boot.Cr4;
+        s.efer = boot.Efer;
+        var regs = new kvm_regs { rip = boot.EntryPoint, rflags = boot.Rflags, rsp = boot.StackPointer };
         if (boot.Mode == BootEntryMode.Long64)
-        {
-            s.cr0 = CR0_PE | CR0_PG | CR0_ET | CR0_NE;
-            s.cr3 = boot.PageTableBase;
-            s.cr4 = CR4_PAE;
-            s.efer = EFER_LME | EFER_LMA;
-            regs.rsi = boot.BootInfoAddress;
-        }
+            regs.rsi = boot.BootInfoAddress; // boot.rst: RSI = struct boot_params
         else
-        {
-            s.cr0 = CR0_PE | CR0_ET | CR0_NE;
-            s.cr3 = 0;
-            s.cr4 = 0;
-            s.efer = 0;
-            regs.rbx = boot.BootInfoAddress;
-        }
+            regs.rbx = boot.BootInfoAddress; // PVH: EBX = struct hvm_start_info
         vcpu.SetSpecialRegisters(s);
         vcpu.SetRegisters(regs);
     }
