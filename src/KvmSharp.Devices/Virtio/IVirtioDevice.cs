@@ -54,6 +54,8 @@ public enum VirtioInterruptType
 /// with an interrupt status register (virtio-mmio) or per-queue MSI-X vectors (virtio-pci).
 /// Thread-safe; called from the device's worker thread.
 /// </summary>
+/// <remarks>Takes no lock that a transport holds while calling into its device, so a device may
+/// signal while holding its own lock.</remarks>
 public interface IVirtioInterrupt
 {
     /// <summary>Interrupts the driver. <paramref name="queueIndex"/> is ignored for
@@ -68,8 +70,11 @@ public interface IVirtioInterrupt
 /// <see cref="QueueNotify"/> or, when the VMM registered an ioeventfd, through the VMM's event loop.
 /// </summary>
 /// <remarks>
-/// Calls come from vCPU threads (config space, notify) under the transport's lock, so they
-/// must be short. Queue processing belongs on the I/O thread.
+/// Config-space, <see cref="Activate"/> and <see cref="Reset"/> calls come from vCPU threads
+/// under the transport's lock, so they must be short and must not wait for the device's worker.
+/// <see cref="QueueNotify"/> comes without the transport's lock and may race with
+/// <see cref="Reset"/>: a notification for a device that is not running is ignored. Queue
+/// processing belongs on the I/O thread.
 /// </remarks>
 public interface IVirtioDevice
 {

@@ -22,8 +22,9 @@ namespace KvmSharp.Devices.Virtio;
 /// <see cref="QueueNotifyOffset"/> (4 bytes, data match = queue index) so kicks never exit to user
 /// space; without one, a write there reaches <see cref="IVirtioDevice.QueueNotify"/>.</para>
 /// <para>Threads: register accesses from vCPU threads serialise on one lock; device calls made
-/// from it (config access, activate, reset, notify) run under it. Lock order: transport lock,
-/// then whatever the device takes. <see cref="IVirtioInterrupt.Signal"/> takes no lock.</para>
+/// from it (config access, activate, reset) run under it. Lock order: transport lock, then
+/// whatever the device takes. <see cref="IVirtioInterrupt.Signal"/> takes no lock, and
+/// <see cref="IVirtioDevice.QueueNotify"/> is called without it.</para>
 /// </remarks>
 public sealed class VirtioMmioTransport : IBusDevice, IVirtioInterrupt
 {
@@ -149,6 +150,17 @@ public sealed class VirtioMmioTransport : IBusDevice, IVirtioInterrupt
         if (data.Length != 4 || offset % 4 != 0)
             return;
         uint value = BinaryPrimitives.ReadUInt32LittleEndian(data);
+        if (offset == QueueNotifyOffset)
+        {
+            // Outside the lock, so a device signalling under its own lock never waits on us.
+            bool activated;
+            lock (_lock)
+                activated = _core.Activated;
+            // With VIRTIO_F_NOTIFICATION_DATA unoffered, the value is the queue index.
+            if (activated && value < (uint)_core.Queues.Length)
+                _core.Device.QueueNotify((int)value);
+            return;
+        }
         lock (_lock)
             WriteRegisterLocked((int)offset, value);
     }
@@ -241,10 +253,6 @@ public sealed class VirtioMmioTransport : IBusDevice, IVirtioInterrupt
             case QueueDeviceHigh:
                 if (QueueConfigurableLocked(out q))
                     q.UsedRing = new GuestAddress(SetHigh(q.UsedRing.Value, value));
-                break;
-            case QueueNotify:
-                // With VIRTIO_F_NOTIFICATION_DATA unoffered, the value is the queue index.
-                _core.Notify(value);
                 break;
             case InterruptACK:
                 Interlocked.And(ref _interruptStatus, ~(int)value);

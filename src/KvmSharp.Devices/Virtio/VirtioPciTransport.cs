@@ -25,7 +25,9 @@ namespace KvmSharp.Devices.Virtio;
 /// <para>Capabilities present (§4.1.4): common, notify, ISR, device and PCI configuration access
 /// (VIRTIO_PCI_CAP_PCI_CFG, §4.1.4.9), then MSI-X.</para>
 /// <para><b>Threads.</b> BAR accesses serialise on the transport's lock; configuration space
-/// accesses come under the <see cref="PciRoot"/>'s lock and take this one inside it.</para>
+/// accesses come under the <see cref="PciRoot"/>'s lock and take this one inside it. Lock order:
+/// root, transport, device, MSI-X table. <see cref="Signal"/> takes no transport lock and
+/// <see cref="IVirtioDevice.QueueNotify"/> is called without it.</para>
 /// </remarks>
 public sealed class VirtioPciTransport : IPciDevice, IVirtioInterrupt
 {
@@ -180,18 +182,18 @@ public sealed class VirtioPciTransport : IPciDevice, IVirtioInterrupt
     /// <inheritdoc/>
     public void Signal(VirtioInterruptType type, int queueIndex)
     {
+        // No transport lock here: devices signal while holding their own lock, and the transport
+        // calls into devices while holding its lock; taking it here would invert that order.
+        // The vectors are 16-bit fields, read atomically.
         ushort vector;
-        lock (_lock)
+        if (type == VirtioInterruptType.Config)
         {
-            if (type == VirtioInterruptType.Config)
-            {
-                Interlocked.Increment(ref _configGeneration);
-                vector = _configVector;
-            }
-            else
-            {
-                vector = (uint)queueIndex < (uint)_queueVectors.Length ? _queueVectors[queueIndex] : NoVector;
-            }
+            Interlocked.Increment(ref _configGeneration);
+            vector = Volatile.Read(ref _configVector);
+        }
+        else
+        {
+            vector = (uint)queueIndex < (uint)_queueVectors.Length ? Volatile.Read(ref _queueVectors[queueIndex]) : NoVector;
         }
         if (_msix.Enabled)
         {
@@ -290,8 +292,13 @@ public sealed class VirtioPciTransport : IPciDevice, IVirtioInterrupt
         else
         {
             ulong slot = (offset - NotifyOffset) / NotifyOffMultiplier;
+            bool activated;
             lock (_lock)
-                _core.Notify((uint)Math.Min(slot, uint.MaxValue));
+                activated = _core.Activated;
+            // Outside the lock: the device may be signalling (and so waiting on nothing of ours)
+            // from its worker while holding its own lock.
+            if (activated && slot < (ulong)_core.Queues.Length)
+                _core.Device.QueueNotify((int)slot);
         }
     }
 

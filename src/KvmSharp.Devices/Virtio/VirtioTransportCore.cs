@@ -143,11 +143,4 @@ internal sealed class VirtioTransportCore
         foreach (var q in Queues)
             q.Reset();
     }
-
-    /// <summary>Forwards a queue notification once the device runs.</summary>
-    public void Notify(uint queueIndex)
-    {
-        if (Activated && queueIndex < (uint)Queues.Length)
-            _device.QueueNotify((int)queueIndex);
-    }
 }
