@@ -17,13 +17,12 @@ LINUX_IMAGE_PKG=linux-image-6.1.0-56-amd64        # built from the same 6.1.192-
 LINUX_IMAGE_VERSION=6.1.192-2
 BUSYBOX_PKG=busybox-static
 BUSYBOX_VERSION=1:1.35.0-4+deb12u1+b1
-BUILD_DEPS=(build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils kmod
-            binutils dwarves python3)
+BUILD_DEPS=(build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils kmod binutils)
 
 # Bump a recipe string when the way an output is made changes (it is part of the cache key).
 RECIPE_MINIMAL=1
-RECIPE_INITRD=1
-RECIPE_DISTRO=2
+RECIPE_INITRD=2
+RECIPE_DISTRO=3
 
 # Distro-kernel modules for the initramfs (dependencies are added from modules.dep).
 # Not crc32c_intel: it uses the SSE4.2 crc32 instruction, which PVM's emulator cannot run
@@ -186,11 +185,17 @@ stage_busybox_root() { # dir
     [ -x "$bb" ] || die "no bin/busybox in $BUSYBOX_PKG"
     rm -rf "$root"
     mkdir -p "$root"/{bin,dev,etc,proc,sys,tmp,run,mnt,root,lib}
+    chmod 1777 "$root/tmp"
     cp "$bb" "$root/bin/busybox"
+    # Only /bin/sh: busybox's shell finds its applets itself (standalone mode), and so do
+    # xargs, find -exec, timeout, setsid... (prefer-applets); no symlink per applet needed.
     ln -s busybox "$root/bin/sh"
     install -m 0755 "$GUEST_DIR/init" "$root/init"
+    # The kernel opens /dev/console for init before anything is mounted.
     mknod -m 600 "$root/dev/console" c 5 1
     mknod -m 666 "$root/dev/null" c 1 3
+    printf '%s\n' 'proc /proc proc defaults 0 0' 'sysfs /sys sysfs defaults 0 0' \
+        'devtmpfs /dev devtmpfs defaults 0 0' > "$root/etc/fstab"
 }
 # Pack a staged tree into an uncompressed newc cpio, reproducibly (sorted, owner 0, fixed mtime).
 pack_cpio() { # dir out.cpio
@@ -317,22 +322,30 @@ build_distro() {
             [ -n "$f" ] || die "distro: module $m not found in $kver"
             resolve "$f"
         done
+        # Modules keep their paths under /lib/modules/<release>/; modules.dep is regenerated for
+        # just these, and busybox modprobe loads them (with dependencies) in one process.
         : > "$root/etc/modules"
         for f in "${order[@]}"; do
-            name=$(basename "$f")
+            name=$(basename "$f"); dst=$root/lib/modules/$kver/$f
+            mkdir -p "$(dirname "$dst")"
             case "$name" in
-                *.ko) cp "$mdir/$f" "$root/lib/modules/$name" ;;
-                *.ko.xz)  if [ $decompress = 1 ]; then xz -dc "$mdir/$f" > "$root/lib/modules/${name%.xz}"; name=${name%.xz}; else cp "$mdir/$f" "$root/lib/modules/$name"; fi ;;
-                *.ko.gz)  if [ $decompress = 1 ]; then gzip -dc "$mdir/$f" > "$root/lib/modules/${name%.gz}"; name=${name%.gz}; else cp "$mdir/$f" "$root/lib/modules/$name"; fi ;;
-                *.ko.zst) if [ $decompress = 1 ]; then zstd -qdc "$mdir/$f" > "$root/lib/modules/${name%.zst}"; name=${name%.zst}; else cp "$mdir/$f" "$root/lib/modules/$name"; fi ;;
+                *.ko) cp "$mdir/$f" "$dst" ;;
+                *.ko.xz)  if [ $decompress = 1 ]; then xz -dc "$mdir/$f" > "${dst%.xz}"; dst=${dst%.xz}; else cp "$mdir/$f" "$dst"; fi ;;
+                *.ko.gz)  if [ $decompress = 1 ]; then gzip -dc "$mdir/$f" > "${dst%.gz}"; dst=${dst%.gz}; else cp "$mdir/$f" "$dst"; fi ;;
+                *.ko.zst) if [ $decompress = 1 ]; then zstd -qdc "$mdir/$f" > "${dst%.zst}"; dst=${dst%.zst}; else cp "$mdir/$f" "$dst"; fi ;;
                 *) die "unexpected module file $f" ;;
             esac
             # Drop the module signature (and debug sections): unsigned modules load with a
             # taint, signed ones make the kernel SHA-256 + RSA-verify every module, which is
             # slow in PVM's emulated ring 0 and may use SIMD there.
-            strip --strip-debug "$root/lib/modules/$name"
-            echo "$name" >> "$root/etc/modules"
+            case "$dst" in *.ko) strip --strip-debug "$dst" ;; esac
+            name=${name%%.ko*}
+            echo "${name//-/_}" >> "$root/etc/modules"
         done
+        touch "$root/lib/modules/$kver"/modules.{builtin,builtin.modinfo,order}
+        run depmod -b "$root" "$kver"
+        # busybox modprobe reads only modules.dep; drop the rest of depmod's output.
+        find "$root/lib/modules/$kver" -maxdepth 1 -type f ! -name modules.dep -delete
         log "distro: modules in load order: $(tr '\n' ' ' < "$root/etc/modules")"
         pack_cpio "$root" "$dir/initrd.cpio"
         cp "$root/etc/modules" "$dir/modules.txt"

@@ -38,13 +38,14 @@ make_disk() {
 test_minimal() {
     local k=$OUT/minimal/bzImage i=$OUT/initrd.cpio
     echo "minimal: bzImage + initrd.cpio, run command, poweroff"
-    qemu "$k" "$i" "kvmsharp.run=$(b64 'echo hello; grep -c ^processor /proc/cpuinfo; nproc; cat /mnt/x 2>/dev/null; mount -t ext4 /dev/vda /mnt && cat /mnt/hello.txt; exit 7') kvmsharp.exit=poweroff" \
+    qemu "$k" "$i" "kvmsharp.run=$(b64 'echo hello; grep -c ^processor /proc/cpuinfo; nproc; cat /mnt/x 2>/dev/null; mount -t ext4 /dev/vda /mnt && cat /mnt/hello.txt; echo a b | xargs echo applets; exit 7') kvmsharp.exit=poweroff" \
         -drive file="$WORK/disk.img",if=virtio,format=raw -device virtio-rng-pci
     expect "KVMSHARP-READY" '^KVMSHARP-READY$'
     expect "KVMSHARP-BEGIN" '^KVMSHARP-BEGIN$'
     expect "command output" '^hello$'
     expect "2 CPUs" '^2$'
     expect "virtio disk (ext4) readable" '^hello from the virtio disk$'
+    expect "applets without symlinks (xargs runs echo)" '^applets a b$'
     expect "KVMSHARP-END rc=7" '^KVMSHARP-END rc=7$'
     expect "powered off" 'reboot: Power down'
 
