@@ -46,6 +46,7 @@ public sealed class Qcow2Image : IBlockDevice
     private readonly List<ulong> _pendingFree = new(256);
     private ulong _freeHint;
     private ulong _fileEnd;            // bytes; max of file length and everything we allocated
+    private ulong _physEnd;            // bytes actually written: beyond it the file is a hole (reads zero)
     private ulong _reservedStart, _reservedEnd; // cluster indices kept free while the refcount table moves
     private bool[]? _repairInUse;     // during repair: clusters referenced by metadata, never allocated
     private bool _headerDirtyForOpen;
@@ -77,6 +78,7 @@ public sealed class Qcow2Image : IBlockDevice
         Size = h.Size;
         long flen = RandomAccess.GetLength(file);
         _fileEnd = ((ulong)flen + _cmask) & ~_cmask;
+        _physEnd = (ulong)flen;
 
         _l1Offset = h.L1TableOffset;
         _l1 = new ulong[h.L1Size];
@@ -161,6 +163,7 @@ public sealed class Qcow2Image : IBlockDevice
         try { RandomAccess.Write(_file, src, (long)offset); }
         catch (IOException e) { ThrowHelper.Io(_path, "write", e, (long)offset); }
         ulong end = offset + (ulong)src.Length;
+        if (end > _physEnd) _physEnd = end;
         if (end > _fileEnd) _fileEnd = (end + _cmask) & ~_cmask;
     }
 
@@ -496,14 +499,21 @@ public sealed class Qcow2Image : IBlockDevice
         // Copy on write into a fresh cluster: the backing data, zeros, or the old shared/compressed cluster.
         ReadOnlySpan<byte> payload = data;
         ulong writeAt = (ulong)inC;
+        ulong nh = AllocateCluster();
         if (data.Length < _cs)
         {
-            FillCow(vc, inC, data.Length);
-            data.CopyTo(_cow.AsSpan(inC));
-            payload = _cow;
-            writeAt = 0;
+            bool zeroCow = host == 0 && !compressed
+                && (Backing is null || !_ext && _v3 && (e & Qcow2Const.ZeroFlag) != 0);
+            // A cluster past everything written so far is a hole in the file and reads as zeros already;
+            // then only the data needs writing (QEMU gets the same effect with write-zeroes).
+            if (!(zeroCow && nh >= _physEnd))
+            {
+                FillCow(vc, inC, data.Length);
+                data.CopyTo(_cow.AsSpan(inC));
+                payload = _cow;
+                writeAt = 0;
+            }
         }
-        ulong nh = AllocateCluster();
         PWrite(payload, nh + writeAt);
         // Allocation may have evicted/reloaded L2 slots; re-find ours (it is never evicted while dirty-free? reload).
         slot = GetL2ForWrite(vc >> _l2Bits);

@@ -410,8 +410,9 @@ public static partial class ImgCommand
 
     private static int Bench(string[] args, TextWriter o)
     {
-        var a = ImgArgs.Parse(args, new[] { "c", "d", "f", "flush-interval", "i", "o", "pattern", "s", "S", "t", "object" }, new[] { "n", "no-drain", "q", "w", "U", "image-opts", "force-share" });
+        var a = ImgArgs.Parse(args, new[] { "c", "d", "f", "flush-interval", "i", "o", "pattern", "s", "S", "t", "object" }, new[] { "n", "no-drain", "q", "w", "U", "image-opts", "force-share", "wrap-usable" });
         string path = One(a, "image");
+        bool usableWrap = a.Has("wrap-usable");
         int count = int.Parse(a.Get("c") ?? "75000", CultureInfo.InvariantCulture);
         int depth = int.Parse(a.Get("d") ?? "64", CultureInfo.InvariantCulture);
         ulong offset = a.Get("o") is { } os ? ImgArgs.ParseSize(os) : 0;
@@ -436,10 +437,11 @@ public static partial class ImgCommand
             if (write) dev.Write(buf, off);
             else dev.Read(buf, off);
             if (flushInterval > 0 && (i + 1) % flushInterval == 0) dev.Flush();
-            // QEMU qemu-img.c bench_cb: advance by step, wrapping inside the image.
+            // qemu-img.c bench_cb as in QEMU 7.2 (the reference here): advance by step, wrap modulo the
+            // image size. (Later QEMU wraps modulo size - bufsize; --wrap-usable selects that.)
             off += step;
-            if (imageSize <= (ulong)size) off = 0;
-            else off %= imageSize - (ulong)size;
+            if (usableWrap) off = imageSize <= (ulong)size ? 0 : off % (imageSize - (ulong)size);
+            else off = imageSize == 0 ? 0 : off % imageSize;
         }
         sw.Stop();
         if (!a.Has("q")) o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"Run completed in {sw.Elapsed.TotalSeconds:F3} seconds."));
