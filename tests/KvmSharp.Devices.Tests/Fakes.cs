@@ -55,3 +55,21 @@ internal sealed class ManualTime : TimeProvider
 
     public void Advance(TimeSpan by) => Ticks += by.Ticks;
 }
+
+/// <summary>A level line that remembers its state and counts changes.</summary>
+internal sealed class RecordingLevelLine : ILevelInterruptLine
+{
+    private int _changes;
+    private int _asserted;
+
+    public bool Asserted => Volatile.Read(ref _asserted) != 0;
+
+    public int Changes => Volatile.Read(ref _changes);
+
+    public void SetLevel(bool asserted)
+    {
+        Assert.NotEqual(asserted, Asserted); // called only on a change
+        Volatile.Write(ref _asserted, asserted ? 1 : 0);
+        Interlocked.Increment(ref _changes);
+    }
+}

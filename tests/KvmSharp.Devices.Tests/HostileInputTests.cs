@@ -84,7 +84,7 @@ public sealed class HostileInputTests : IDisposable
         var mmio = new Bus();
         var pio = new Bus();
         var root = new PciRoot(mmio, pio);
-        var device = new VirtioPciTransport(new FakeVirtioDevice(), _memory, new RecordingMsiSink(), new CountingLine(),
+        var device = new VirtioPciTransport(new FakeVirtioDevice(), _memory, new RecordingMsiSink(), new RecordingLevelLine(),
             0xE000_0000, 0xE000_4000);
         int slot = root.AddDevice(device);
         var random = new Random(seed);
@@ -118,7 +118,7 @@ public sealed class HostileInputTests : IDisposable
 
         var mmioBus = new Bus();
         var root = new PciRoot(mmioBus, new Bus());
-        var pci = new VirtioPciTransport(new VirtioRng(16), _memory, new RecordingMsiSink(), new CountingLine(),
+        var pci = new VirtioPciTransport(new VirtioRng(16), _memory, new RecordingMsiSink(), new RecordingLevelLine(),
             0xE000_0000, 0xE000_4000);
         root.AddDevice(pci);
         pci.Config.SetUInt16(PciConfigSpace.COMMAND, PciConfigSpace.COMMAND_MEMORY);

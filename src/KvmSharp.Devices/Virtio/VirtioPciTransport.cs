@@ -21,7 +21,8 @@ namespace KvmSharp.Devices.Virtio;
 /// one vector per queue plus one for configuration changes.</para>
 /// <para><b>Interrupts.</b> With MSI-X enabled, a queue or configuration interrupt goes to the
 /// vector the driver chose (none when it chose VIRTIO_MSI_NO_VECTOR). Otherwise the ISR bit is
-/// set and the INTx line is triggered (§4.1.4.5); reading ISR clears it.</para>
+/// set (§4.1.4.5) and INTA# is a level: asserted while ISR is non-zero, MSI-X is off and the
+/// command register's Interrupt Disable bit is clear; reading ISR clears it and deasserts.</para>
 /// <para>Capabilities present (§4.1.4): common, notify, ISR, device and PCI configuration access
 /// (VIRTIO_PCI_CAP_PCI_CFG, §4.1.4.9), then MSI-X.</para>
 /// <para><b>Threads.</b> BAR accesses serialise on the transport's lock; configuration space
@@ -88,7 +89,7 @@ public sealed class VirtioPciTransport : IPciDevice, IVirtioInterrupt
 
     private readonly VirtioTransportCore _core;
     private readonly MsixTable _msix;
-    private readonly IInterruptLine _intx;
+    private readonly ILevelInterruptLine _intx;
     private readonly ushort[] _queueVectors;
     private readonly int _msixCapability;
     private readonly int _pciCfgCapability;
@@ -97,20 +98,25 @@ public sealed class VirtioPciTransport : IPciDevice, IVirtioInterrupt
     private readonly Lock _lock = new();
     private ushort _queueSelect;
     private ushort _configVector = NoVector;
-    private int _isr;
     private int _configGeneration;
+
+    // INTx state: a leaf lock, never held while calling anything but the line itself.
+    private readonly Lock _intxLock = new();
+    private int _isr;
+    private bool _intxAsserted;
+    private bool _intxDisabled;
 
     /// <summary>Creates the PCI function for <paramref name="device"/> with BARs at the given addresses.</summary>
     /// <param name="device">The virtio device.</param>
     /// <param name="memory">Guest memory the queues live in.</param>
     /// <param name="msi">Delivers MSI-X messages.</param>
-    /// <param name="intx">INTA#, used while MSI-X is disabled.</param>
+    /// <param name="intx">INTA# (level), used while MSI-X is disabled.</param>
     /// <param name="bar0Address">Initial address of BAR 0 (aligned to <see cref="Bar0Size"/>).</param>
     /// <param name="bar2Address">Initial address of BAR 2 (aligned to <see cref="MsixTable.RegionSize"/>).</param>
     /// <exception cref="ArgumentNullException">An argument is null.</exception>
     /// <exception cref="ArgumentException">The device does not offer VERSION_1, or has more queues than vectors fit.</exception>
     /// <exception cref="ArgumentOutOfRangeException">A BAR address is misaligned.</exception>
-    public VirtioPciTransport(IVirtioDevice device, GuestMemory memory, IMsiSink msi, IInterruptLine intx,
+    public VirtioPciTransport(IVirtioDevice device, GuestMemory memory, IMsiSink msi, ILevelInterruptLine intx,
         ulong bar0Address, ulong bar2Address)
     {
         ArgumentNullException.ThrowIfNull(intx);
@@ -163,7 +169,16 @@ public sealed class VirtioPciTransport : IPciDevice, IVirtioInterrupt
     {
         int end = offset + length;
         if (offset < _msixCapability + 4 && end > _msixCapability + 2)
+        {
             _msix.SetControl(Config.GetUInt16(_msixCapability + 2));
+            UpdateIntx(isrClear: 0, isrSet: 0);
+        }
+        if (offset < PciConfigSpace.COMMAND + 2 && end > PciConfigSpace.COMMAND)
+        {
+            lock (_intxLock)
+                _intxDisabled = (Config.Command & PciConfigSpace.COMMAND_INTX_DISABLE) != 0;
+            UpdateIntx(isrClear: 0, isrSet: 0);
+        }
         int dataOffset = _pciCfgCapability + 16;
         if (offset < dataOffset + 4 && end > dataOffset)
             PciCfgAccess(write: true);
@@ -201,8 +216,25 @@ public sealed class VirtioPciTransport : IPciDevice, IVirtioInterrupt
                 _msix.Trigger(vector);
             return;
         }
-        Interlocked.Or(ref _isr, type == VirtioInterruptType.Config ? ISR_CONFIG : ISR_QUEUE);
-        _intx.Trigger();
+        UpdateIntx(isrClear: 0, isrSet: type == VirtioInterruptType.Config ? ISR_CONFIG : ISR_QUEUE);
+    }
+
+    /// <summary>Applies an ISR change and drives INTA# to match (PCI LB 3.0 §2.2.6: level, shared).</summary>
+    /// <returns>The ISR value before the change.</returns>
+    private int UpdateIntx(int isrClear, int isrSet)
+    {
+        lock (_intxLock)
+        {
+            int before = _isr;
+            _isr = (before & ~isrClear) | isrSet;
+            bool level = _isr != 0 && !_intxDisabled && !_msix.Enabled;
+            if (level != _intxAsserted)
+            {
+                _intxAsserted = level;
+                _intx.SetLevel(level);
+            }
+            return before;
+        }
     }
 
     private int AddVirtioCapability(byte cfgType, ulong offset, uint length, byte[]? extra = null, byte[]? writableMask = null)
@@ -260,7 +292,7 @@ public sealed class VirtioPciTransport : IPciDevice, IVirtioInterrupt
         {
             data.Clear();
             if (offset == IsrOffset && !data.IsEmpty)
-                data[0] = (byte)Interlocked.Exchange(ref _isr, 0); // reading ISR clears it (§4.1.4.5)
+                data[0] = (byte)UpdateIntx(isrClear: ~0, isrSet: 0); // reading ISR clears it (§4.1.4.5)
         }
         else if (offset < DeviceConfigOffset + RegionStride)
         {
@@ -362,7 +394,7 @@ public sealed class VirtioPciTransport : IPciDevice, IVirtioInterrupt
                     _queueSelect = 0;
                     _configVector = NoVector;
                     Array.Fill(_queueVectors, NoVector);
-                    Volatile.Write(ref _isr, 0);
+                    UpdateIntx(isrClear: ~0, isrSet: 0);
                 }
                 break;
             case (queue_select, 2): _queueSelect = (ushort)value; break;

@@ -30,7 +30,7 @@ public sealed class VirtioPciTransportTests : IDisposable
     private readonly GuestMemory _memory = GuestMemory.CreateForTesting([(new GuestAddress(0), 1UL << 20)]);
     private readonly FakeVirtioDevice _device = new();
     private readonly RecordingMsiSink _msi = new();
-    private readonly CountingLine _intx = new();
+    private readonly RecordingLevelLine _intx = new();
     private readonly Bus _mmio = new();
     private readonly Bus _pio = new();
     private readonly PciRoot _root;
@@ -197,7 +197,7 @@ public sealed class VirtioPciTransportTests : IDisposable
         Wr(entry + 12, 4, 0);
         _device.Interrupt!.Signal(VirtioInterruptType.Queue, 1);
         Assert.Equal([(0xFEE0_0000UL, 0x4041u)], _msi.Messages);
-        Assert.Equal(0, _intx.Count);
+        Assert.False(_intx.Asserted);
     }
 
     [Fact]
@@ -230,19 +230,41 @@ public sealed class VirtioPciTransportTests : IDisposable
     }
 
     [Fact]
-    public void WithoutMsix_InterruptsGoToIntxThroughIsr()
+    public void WithoutMsix_IntxIsALevelHeldWhileIsrIsSet()
     {
         BringUp(msix: false);
         var caps = FindCaps();
+        ulong isr = Bar0 + caps[3].Offset;
+        Assert.False(_intx.Asserted);
         _device.Interrupt!.Signal(VirtioInterruptType.Queue, 0);
-        Assert.Equal(1, _intx.Count);
-        Assert.Equal(1UL, Rd(Bar0 + caps[3].Offset, 1));
-        Assert.Equal(0UL, Rd(Bar0 + caps[3].Offset, 1)); // read clears
+        Assert.True(_intx.Asserted);
+        _device.Interrupt.Signal(VirtioInterruptType.Queue, 1); // still high: no change
+        Assert.Equal(1, _intx.Changes);
+        Assert.Equal(1UL, Rd(isr, 1));
+        Assert.False(_intx.Asserted); // reading ISR clears it and drops the line
+        Assert.Equal(0UL, Rd(isr, 1));
+
         ulong generation = Rd(Bar0 + caps[1].Offset + config_generation, 1);
         _device.Interrupt.Signal(VirtioInterruptType.Config, 0);
-        Assert.Equal(2UL, Rd(Bar0 + caps[3].Offset, 1));
+        Assert.True(_intx.Asserted);
+        Assert.Equal(2UL, Rd(isr, 1));
         Assert.NotEqual(generation, Rd(Bar0 + caps[1].Offset + config_generation, 1));
         Assert.Empty(_msi.Messages);
+    }
+
+    [Fact]
+    public void IntxDisableBit_AndMsixEnable_DropThePendingLevel()
+    {
+        BringUp(msix: false);
+        _device.Interrupt!.Signal(VirtioInterruptType.Queue, 0);
+        Assert.True(_intx.Asserted);
+        CfgWrite(PCI_COMMAND, 2, 0x0406); // + Interrupt Disable
+        Assert.False(_intx.Asserted);
+        CfgWrite(PCI_COMMAND, 2, 0x0006);
+        Assert.True(_intx.Asserted);      // ISR still set: the level comes back
+        int cap = FindCaps()[0x11].Cap;
+        CfgWrite(cap + 2, 2, 0x8000);     // MSI-X on: INTx is not used
+        Assert.False(_intx.Asserted);
     }
 
     [Fact]
@@ -311,7 +333,7 @@ public sealed class VirtioPciTransportTests : IDisposable
         Wr(common + device_status, 1, ACK | DRIVER | FEATURES_OK | DRIVER_OK);
         Assert.NotEqual(0UL, Rd(common + device_status, 1) & NEEDS_RESET);
         Assert.Equal(0, _device.Activations);
-        Assert.Equal(1, _intx.Count); // configuration change notification
+        Assert.True(_intx.Asserted); // configuration change notification (MSI-X off)
     }
 
     [Fact]
