@@ -212,14 +212,80 @@ public sealed class Qcow2Image : IBlockDevice
         lock (_lock)
         {
             ObjectDisposedException.ThrowIf(_disposed, this);
+            // Whole clusters that need fresh allocation are gathered into runs of host-contiguous
+            // clusters and written with one pwrite; their L2 entries are set only after the data is
+            // written (crash safety: no reference to unwritten data).
+            ReadOnlySpan<byte> run = default;
+            ulong runHost = 0, runVc = 0;
+            int runCount = 0;
             while (data.Length > 0)
             {
                 int inC = (int)(offset & _cmask);
                 int n = Math.Min(data.Length, _cs - inC);
-                WriteChunk(data[..n], offset);
+                ulong vc = offset >> _cb;
+                if (n == _cs && NeedsFreshCluster(vc))
+                {
+                    ulong nh = AllocateCluster();
+                    if (runCount > 0 && nh == runHost + (ulong)runCount * (ulong)_cs && runCount < MaxRunClusters)
+                    {
+                        run = MemoryMarshalExtend(run, n);
+                        runCount++;
+                    }
+                    else
+                    {
+                        FinishRun(run, runHost, runVc, runCount);
+                        run = data[..n];
+                        runHost = nh;
+                        runVc = vc;
+                        runCount = 1;
+                    }
+                }
+                else
+                {
+                    FinishRun(run, runHost, runVc, runCount);
+                    runCount = 0;
+                    WriteChunk(data[..n], offset);
+                }
                 data = data[n..];
                 offset += (ulong)n;
             }
+            FinishRun(run, runHost, runVc, runCount);
+        }
+    }
+
+    /// <summary>Runs are capped so one pwrite stays moderate (2 MiB or one cluster).</summary>
+    private int MaxRunClusters => Math.Max(1, (2 << 20) / _cs);
+
+    // The run is a slice of the caller's data and the next chunk follows it directly in that same
+    // span, so the extended span stays inside the caller's buffer.
+    private static ReadOnlySpan<byte> MemoryMarshalExtend(ReadOnlySpan<byte> run, int n)
+        => System.Runtime.InteropServices.MemoryMarshal.CreateReadOnlySpan(
+            ref System.Runtime.InteropServices.MemoryMarshal.GetReference(run), run.Length + n);
+
+    /// <summary>True when a whole-cluster write to <paramref name="vc"/> goes to a new cluster.</summary>
+    private bool NeedsFreshCluster(ulong vc)
+    {
+        ulong l1i = vc >> _l2Bits;
+        int slot = GetL2ForWrite(l1i);
+        int ei = (int)(vc & (ulong)(_l2Entries - 1)) * _entrySize;
+        ulong e = BinaryPrimitives.ReadUInt64BigEndian(_l2.Span(slot)[ei..]);
+        bool copiedInPlace = (e & Qcow2Const.CompressedFlag) == 0 && (e & Qcow2Const.OffsetMask) != 0 && (e & Qcow2Const.CopiedFlag) != 0;
+        return !copiedInPlace;
+    }
+
+    private void FinishRun(ReadOnlySpan<byte> run, ulong host, ulong vc, int count)
+    {
+        if (count == 0) return;
+        PWrite(run, host);
+        for (int i = 0; i < count; i++)
+        {
+            ulong v = vc + (ulong)i;
+            int slot = GetL2ForWrite(v >> _l2Bits);
+            int ei = (int)(v & (ulong)(_l2Entries - 1)) * _entrySize;
+            ulong old = BinaryPrimitives.ReadUInt64BigEndian(_l2.Span(slot)[ei..]);
+            SetEntry(slot, ei, (host + (ulong)i * (ulong)_cs) | Qcow2Const.CopiedFlag, _ext ? 0xffffffffUL : 0);
+            if ((old & Qcow2Const.CompressedFlag) != 0) DeferFreeCompressed(old);
+            else if ((old & Qcow2Const.OffsetMask) != 0) DeferFree(old & Qcow2Const.OffsetMask);
         }
     }
 

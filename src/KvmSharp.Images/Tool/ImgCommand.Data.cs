@@ -147,47 +147,96 @@ public static partial class ImgCommand
         if (q is not null) q.NoSync = unsafeCache;
         int gran = q?.ClusterSize ?? 65536;
         int bufSize = Math.Max(gran, 2 << 20);
-        var buf = new byte[bufSize];
-        ulong off = 0;
-        int lastPct = -1;
-        while (off < size)
+        // Reading the source and writing the target overlap: a reader thread fills buffers (two in
+        // flight) while this thread writes, as qemu-img convert overlaps its requests.
+        using var filled = new System.Collections.Concurrent.BlockingCollection<(byte[]? Buf, ulong Off, int Len)>(2);
+        using var free = new System.Collections.Concurrent.BlockingCollection<byte[]>(3);
+        for (int i = 0; i < 3; i++) free.Add(new byte[bufSize]);
+        using var stop = new CancellationTokenSource(); // the writer failed: the reader must not block
+        var ct = stop.Token;
+        var reader = Task.Run(() =>
         {
-            int n = (int)Math.Min((ulong)bufSize, size - off);
-            // Skip what the source chain knows to be zero or unallocated without reading it.
-            var st = ChainStatus(s, off, (ulong)n);
-            if (!st.Data && st.Zero)
+            try
             {
-                ulong skip = Math.Min(st.Length, (ulong)n);
-                if (skip >= (ulong)gran || off + skip == size)
+                ulong roff = 0;
+                while (roff < size)
                 {
-                    skip = off + skip == size ? skip : skip / (ulong)gran * (ulong)gran;
-                    off += skip;
-                    continue;
+                    int n = (int)Math.Min((ulong)bufSize, size - roff);
+                    // Skip what the source chain knows to be zero or unallocated without reading it.
+                    var st = ChainStatus(s, roff, (ulong)n);
+                    if (!st.Data && st.Zero)
+                    {
+                        ulong skip = Math.Min(st.Length, (ulong)n);
+                        if (skip >= (ulong)gran || roff + skip == size)
+                        {
+                            skip = roff + skip == size ? skip : skip / (ulong)gran * (ulong)gran;
+                            filled.Add((null, roff, (int)skip), ct);
+                            roff += skip;
+                            continue;
+                        }
+                    }
+                    var b = free.Take(ct);
+                    s.Read(b.AsSpan(0, n), roff);
+                    filled.Add((b, roff, n), ct);
+                    roff += (ulong)n;
                 }
             }
-            var span = buf.AsSpan(0, n);
-            s.Read(span, off);
-            for (int i = 0; i < n; i += gran)
+            finally { filled.CompleteAdding(); }
+        });
+        int lastPct = -1;
+        byte[]? full = null;
+        try
+        {
+        foreach (var (b, off, n) in filled.GetConsumingEnumerable())
+        {
+            if (b is not null)
             {
-                var piece = span.Slice(i, Math.Min(gran, n - i));
-                if (!piece.ContainsAnyExcept((byte)0)) continue; // fresh target already reads zero
-                if (compress && piece.Length == gran) q!.WriteCompressedCluster((off + (ulong)i) / (ulong)gran, piece);
-                else if (compress)
+                var span = b.AsSpan(0, n);
+                int i = 0;
+                while (i < n)
                 {
-                    // last partial cluster: compress a zero-padded copy
-                    var full = new byte[gran];
-                    piece.CopyTo(full);
-                    q!.WriteCompressedCluster((off + (ulong)i) / (ulong)gran, full);
+                    // Skip zero pieces (the fresh target reads zero); write runs of non-zero pieces at once.
+                    int len = Math.Min(gran, n - i);
+                    if (!span.Slice(i, len).ContainsAnyExcept((byte)0)) { i += len; continue; }
+                    if (compress)
+                    {
+                        ReadOnlySpan<byte> piece = span.Slice(i, len);
+                        if (len < gran)
+                        {
+                            full ??= new byte[gran];
+                            full.AsSpan().Clear();
+                            piece.CopyTo(full);
+                            piece = full;
+                        }
+                        q!.WriteCompressedCluster((off + (ulong)i) / (ulong)gran, piece);
+                        i += len;
+                        continue;
+                    }
+                    int j = i + len;
+                    while (j < n)
+                    {
+                        int l2 = Math.Min(gran, n - j);
+                        if (!span.Slice(j, l2).ContainsAnyExcept((byte)0)) break;
+                        j += l2;
+                    }
+                    d.Write(span[i..j], off + (ulong)i);
+                    i = j;
                 }
-                else d.Write(piece, off + (ulong)i);
+                free.Add(b);
             }
-            off += (ulong)n;
             if (progress)
             {
-                int pct = (int)(off * 10000 / Math.Max(size, 1));
+                int pct = (int)((off + (ulong)n) * 10000 / Math.Max(size, 1));
                 if (pct != lastPct) { o.Write(string.Create(CultureInfo.InvariantCulture, $"    ({pct / 100.0:F2}/100%)\r")); lastPct = pct; }
             }
         }
+        }
+        catch
+        {
+            stop.Cancel();
+            throw;
+        }
+        reader.GetAwaiter().GetResult(); // surfaces read errors as ImageException
         if (progress) o.WriteLine("    (100.00/100%)");
         if (!unsafeCache || q is not null) d.Flush(); // qcow2: metadata written (fsync skipped when unsafe)
         return 0;
