@@ -58,6 +58,8 @@ internal static class Program
           --pvh                  enter through the PVH entry point when the kernel has one
           --pvm auto|on|off      PVM-host compatibility (default auto: on when /dev/kvm is kvm_pvm)
           --debug-exit           isa-debug-exit at port 0xf4: a write of v exits with (v<<1)|1
+          --rng                  virtio-rng device (entropy from the host)
+          --no-acpi              no ACPI tables and no PCI (MP table only)
           --ksm                  mark guest RAM mergeable (KSM page sharing)
           --hugepages            back guest RAM with hugetlbfs pages
 

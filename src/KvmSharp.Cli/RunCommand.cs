@@ -48,7 +48,7 @@ internal static class RunCommand
         string? kernel = null, initrd = null, cmdline = null, template = null;
         int cpus = 1;
         ulong memory = 256UL << 20;
-        bool kernelDecompress = false, pvh = false, debugExit = false, ksm = false, huge = false;
+        bool kernelDecompress = false, pvh = false, debugExit = false, ksm = false, huge = false, acpi = true, rng = false;
         bool? pvm = null;
         for (int i = 0; i < args.Length; i++)
         {
@@ -84,6 +84,8 @@ internal static class RunCommand
                     break;
                 case "--debug-exit": debugExit = true; break;
                 case "--ksm": ksm = true; break;
+                case "--no-acpi": acpi = false; break;
+                case "--rng": rng = true; break;
                 case "--hugepages": huge = true; break;
                 default: throw new ArgumentException($"unknown option '{a}' for run (try 'kvmsharp --help')");
             }
@@ -102,6 +104,8 @@ internal static class RunCommand
             PreferPvh = pvh,
             PvmCompat = pvm,
             DebugExit = debugExit,
+            Acpi = acpi,
+            Rng = rng,
             Mergeable = ksm,
             HugePages = huge,
         };

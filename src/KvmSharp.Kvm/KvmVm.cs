@@ -107,6 +107,16 @@ public sealed unsafe class KvmVm : IDisposable
             KvmException.Throw("KVM_IOEVENTFD");
     }
 
+    /// <summary>
+    /// KVM_SIGNAL_MSI: injects one MSI message (address/data as the guest programmed them). Returns
+    /// false when the guest blocked it (KVM returns 0); never throws, it is called on device paths.
+    /// </summary>
+    public bool SignalMsi(ulong address, uint data)
+    {
+        var msi = new kvm_msi { address_lo = (uint)address, address_hi = (uint)(address >> 32), data = data };
+        return Libc.ioctl(Fd, KVM_SIGNAL_MSI, &msi) > 0;
+    }
+
     /// <summary>KVM_SET_GSI_ROUTING: replaces the whole routing table.</summary>
     public void SetGsiRouting(ReadOnlySpan<kvm_irq_routing_entry> entries)
     {

@@ -20,7 +20,9 @@ public sealed unsafe class EventLoop : IDisposable
     private const int MaxEvents = 32;
     private readonly FileDescriptor _epoll = Libc.EpollCreate();
     private readonly FileDescriptor _wake = Libc.EventFd();
+    // Written by vCPU threads (a BAR moved, so its ioeventfds did) while the loop reads it: guarded.
     private readonly Dictionary<int, IEventHandler> _handlers = [];
+    private readonly Lock _handlersLock = new();
     private readonly Thread _thread;
     private volatile bool _stopping;
 
@@ -37,9 +39,22 @@ public sealed unsafe class EventLoop : IDisposable
     public void Add(int fd, uint events, IEventHandler handler)
     {
         var ev = new Libc.EpollEvent { events = events, data = (ulong)fd };
-        if (Libc.epoll_ctl(_epoll.Fd, Libc.EPOLL_CTL_ADD, fd, &ev) != 0)
-            Libc.ThrowNative("epoll_ctl(ADD)", Libc.LastErrno);
-        _handlers[fd] = handler;
+        lock (_handlersLock)
+        {
+            if (Libc.epoll_ctl(_epoll.Fd, Libc.EPOLL_CTL_ADD, fd, &ev) != 0)
+                Libc.ThrowNative("epoll_ctl(ADD)", Libc.LastErrno);
+            _handlers[fd] = handler;
+        }
+    }
+
+    /// <summary>Stops watching <paramref name="fd"/> (before it is closed).</summary>
+    public void Remove(int fd)
+    {
+        lock (_handlersLock)
+        {
+            Libc.epoll_ctl(_epoll.Fd, Libc.EPOLL_CTL_DEL, fd, null);
+            _handlers.Remove(fd);
+        }
     }
 
     public void Start() => _thread.Start();
@@ -64,8 +79,10 @@ public sealed unsafe class EventLoop : IDisposable
                     continue;
                 try
                 {
-                    if (_handlers.TryGetValue(fd, out var h))
-                        h.Process(fd, events[i].events);
+                    IEventHandler? h;
+                    lock (_handlersLock)
+                        _handlers.TryGetValue(fd, out h);
+                    h?.Process(fd, events[i].events);
                 }
 #pragma warning disable CA1031 // a device back end failing must end the VM, not kill the process
                 catch (Exception e)

@@ -1,12 +1,16 @@
 using System.Diagnostics;
 using System.Runtime.InteropServices;
 using KvmSharp.Boot;
+using KvmSharp.Boot.Acpi;
 using KvmSharp.Devices;
+using KvmSharp.Devices.Pci;
+using KvmSharp.Devices.Virtio;
 using KvmSharp.Interop;
 using KvmSharp.Kvm;
 using KvmSharp.Memory;
 using KvmSharp.Vmm.Console;
 using KvmSharp.Vmm.Cpu;
+using KvmSharp.Vmm.Pci;
 using KvmSharp.Vmm.Pvm;
 
 namespace KvmSharp.Vmm;
@@ -37,6 +41,9 @@ public sealed class Vm : IDisposable
     private Serial8250 _serial = null!;
     private ConsoleInput? _input;
     private Timer? _pvmPoller;
+    private EventLoop? _eventLoop;
+    private ulong _nextBar = PlatformLayout.Pci32WindowStart;
+    private int _nextSlot = 1;
 
     private Vm(VmConfig config, KvmSystem kvm, KvmVm vmFd, GuestMemory memory, TextWriter diagnostics)
     {
@@ -128,6 +135,8 @@ public sealed class Vm : IDisposable
         if (Config.DebugExit)
             PioBus.Insert(new DebugExit(v => RequestStop(VmExit.Of(VmExitKind.DebugExit, $"guest wrote 0x{v:x} to the debug-exit port", v))), 0xF4, 1);
 
+        ulong? rsdp = Config.Acpi ? BuildPlatform() : null;
+
         EffectiveCommandLine = IsPvm ? PvmCompat.AdjustCommandLine(Config.CommandLine) : Config.CommandLine;
         Boot = LinuxLoader.Load(Memory, kernel, new BootOptions
         {
@@ -136,6 +145,7 @@ public sealed class Vm : IDisposable
             CpuCount = Config.CpuCount,
             DecompressInVmm = Config.DecompressInVmm,
             PreferPvh = Config.PreferPvh,
+            AcpiRsdpAddress = rsdp,
         });
 
         var supported = _kvm.GetSupportedCpuid();
@@ -155,6 +165,49 @@ public sealed class Vm : IDisposable
         }
 
         _input = new ConsoleInput(consoleInFd, data => _serial.EnqueueInput(data), () => RequestStop(VmExit.Of(VmExitKind.UserQuit, "quit from the console (Ctrl-A x)")));
+    }
+
+    /// <summary>
+    /// ACPI tables, the ACPI PM and reset registers, the PCI host bridge (mechanism #1 and ECAM) and
+    /// the virtio-pci devices, with their queue kicks on ioeventfds served by the I/O thread.
+    /// Returns the RSDP address for the zero page.
+    /// </summary>
+    private ulong BuildPlatform()
+    {
+        ulong rsdp = AcpiTables.Write(Memory, new AcpiConfig(Config.CpuCount, Config.MemoryBytes));
+        PioBus.Insert(new AcpiPm(() => RequestStop(VmExit.Of(VmExitKind.GuestPowerOff, "guest powered off (ACPI S5)"))),
+            PlatformLayout.Pm1aEventBlock, PlatformLayout.AcpiPmPortCount);
+        var reset = new ResetControl(() => RequestStop(VmExit.Of(VmExitKind.GuestReboot, "guest reset through the ACPI reset register")));
+
+        _eventLoop = new EventLoop { OnError = e => RequestStop(VmExit.Of(VmExitKind.VmmError, $"I/O thread: {e.Message}")) };
+        var notifier = new VirtioNotifier(_vmFd, _eventLoop, _diagnostics);
+        _owned.Add(notifier);
+        var pci = new PciRoot(MmioBus, PioBus, notifier);
+        PioBus.Insert(reset.CombineWithPciConfigIo(pci.ConfigIo), PciRoot.ConfigIoBase, PciRoot.ConfigIoLength);
+        MmioBus.Insert(pci.Ecam, PlatformLayout.EcamBase, PlatformLayout.EcamSize);
+
+        var msi = new KvmMsiSink(_vmFd);
+        if (Config.Rng)
+            AddVirtioPci(pci, msi, new VirtioRng());
+        return rsdp;
+    }
+
+    private void AddVirtioPci(PciRoot pci, IMsiSink msi, IVirtioDevice device)
+    {
+        ulong bar0 = AllocateBar(VirtioPciTransport.Bar0Size);
+        ulong bar2 = AllocateBar(MsixTable.RegionSize);
+        int slot = _nextSlot++; // 00:00.0 is the host bridge
+        var intx = new KvmLevelLine(_vmFd, (uint)PlatformLayout.PciIntxGsi(slot, 0));
+        pci.AddDevice(new VirtioPciTransport(device, Memory, msi, intx, bar0, bar2), slot);
+    }
+
+    private ulong AllocateBar(ulong size)
+    {
+        ulong address = (_nextBar + size - 1) & ~(size - 1); // BARs are naturally aligned (PCI LB 3.0 §6.2.5.1)
+        if (address + size > PlatformLayout.Pci32WindowStart + PlatformLayout.Pci32WindowSize)
+            throw new VmConfigException("Too many PCI devices for the 32-bit MMIO window.");
+        _nextBar = address + size;
+        return address;
     }
 
     private void TryHost(Action action, string what)
@@ -179,6 +232,7 @@ public sealed class Vm : IDisposable
         using var reg = cancel.Register(() => RequestStop(VmExit.Of(VmExitKind.Signal, "cancelled", 15)));
 
         _input?.Start();
+        _eventLoop?.Start();
         foreach (var r in _runners)
             r.Start();
         if (IsPvm)
@@ -193,6 +247,7 @@ public sealed class Vm : IDisposable
         foreach (var r in _runners)
             r.Join();
         _input?.Dispose();
+        _eventLoop?.Dispose();
 
         var exit = _exit;
         // A panic that the guest turned into a reboot (panic=N) is still a panic.
@@ -249,6 +304,7 @@ public sealed class Vm : IDisposable
     {
         _pvmPoller?.Dispose();
         _input?.Dispose();
+        _eventLoop?.Dispose();
         foreach (var v in _vcpus)
             v.Dispose();
         foreach (var o in _owned)

@@ -26,6 +26,12 @@ public sealed record VmConfig
     /// <summary>Map QEMU's isa-debug-exit at port 0xf4: a write of v ends the VM with exit code (v &lt;&lt; 1) | 1.</summary>
     public bool DebugExit { get; init; }
 
+    /// <summary>ACPI tables and the PCI host bridge (off: MP table only, no PCI devices).</summary>
+    public bool Acpi { get; init; } = true;
+
+    /// <summary>A virtio-rng device (host entropy).</summary>
+    public bool Rng { get; init; }
+
     public bool Mergeable { get; init; }
     public bool HugePages { get; init; }
 
@@ -40,6 +46,8 @@ public sealed record VmConfig
             throw new VmConfigException($"Kernel file {KernelPath} does not exist.");
         if (InitrdPath is not null && !File.Exists(InitrdPath))
             throw new VmConfigException($"Initrd file {InitrdPath} does not exist.");
+        if (!Acpi && Rng)
+            throw new VmConfigException("Virtio devices need PCI, which comes with ACPI: drop --no-acpi.");
     }
 }
 

@@ -27,7 +27,7 @@ public class AbiLayoutTests
             int main(void) {
               S(kvm_run) S(kvm_regs) S(kvm_sregs) S(kvm_segment) S(kvm_dtable) S(kvm_userspace_memory_region)
               S(kvm_cpuid_entry2) S(kvm_msr_entry) S(kvm_pit_config) S(kvm_irqfd) S(kvm_ioeventfd) S(kvm_irq_level)
-              S(kvm_vcpu_events) S(kvm_lapic_state) S(kvm_guest_debug) S(kvm_enable_cap) S(kvm_irq_routing_entry) S(kvm_mp_state)
+              S(kvm_vcpu_events) S(kvm_lapic_state) S(kvm_guest_debug) S(kvm_enable_cap) S(kvm_irq_routing_entry) S(kvm_mp_state) S(kvm_msi)
               O(kvm_run, exit_reason, "exit_reason") O(kvm_run, io.port, "io_port") O(kvm_run, io.data_offset, "io_data_offset")
               O(kvm_run, mmio.phys_addr, "mmio_phys_addr") O(kvm_run, mmio.data, "mmio_data") O(kvm_run, mmio.len, "mmio_len")
               O(kvm_run, mmio.is_write, "mmio_is_write") O(kvm_run, internal.suberror, "internal_suberror")
@@ -78,7 +78,7 @@ public class AbiLayoutTests
     {
         "kvm_run", "kvm_regs", "kvm_sregs", "kvm_segment", "kvm_dtable", "kvm_userspace_memory_region",
         "kvm_cpuid_entry2", "kvm_msr_entry", "kvm_pit_config", "kvm_irqfd", "kvm_ioeventfd", "kvm_irq_level",
-        "kvm_vcpu_events", "kvm_lapic_state", "kvm_guest_debug", "kvm_enable_cap", "kvm_irq_routing_entry", "kvm_mp_state",
+        "kvm_vcpu_events", "kvm_lapic_state", "kvm_guest_debug", "kvm_enable_cap", "kvm_irq_routing_entry", "kvm_mp_state", "kvm_msi",
     };
 
     [Theory]

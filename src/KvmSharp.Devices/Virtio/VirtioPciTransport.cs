@@ -194,6 +194,20 @@ public sealed class VirtioPciTransport : IPciDevice, IVirtioInterrupt
             PciCfgAccess(write: false);
     }
 
+    /// <summary>
+    /// A queue notification that arrived outside the bus: the VMM's ioeventfd for queue
+    /// <paramref name="queueIndex"/> fired (virtio 1.2 §4.1.4.4). Same effect as a guest write to
+    /// the notify region; ignored before DRIVER_OK or for a queue that does not exist.
+    /// </summary>
+    public void NotifyQueue(int queueIndex)
+    {
+        bool activated;
+        lock (_lock)
+            activated = _core.Activated;
+        if (activated && (uint)queueIndex < (uint)_core.Queues.Length)
+            _core.Device.QueueNotify(queueIndex);
+    }
+
     /// <inheritdoc/>
     public void Signal(VirtioInterruptType type, int queueIndex)
     {

@@ -33,6 +33,7 @@ internal static class KvmIoctls
     internal static readonly nuint KVM_IRQFD = Libc.IOW(KVMIO, 0x76, 32);
     internal static readonly nuint KVM_CREATE_PIT2 = Libc.IOW(KVMIO, 0x77, 64);
     internal static readonly nuint KVM_IOEVENTFD = Libc.IOW(KVMIO, 0x79, 64);
+    internal static readonly nuint KVM_SIGNAL_MSI = Libc.IOW(KVMIO, 0xa5, 32);
     internal static readonly nuint KVM_ENABLE_CAP = Libc.IOW(KVMIO, 0xa3, 104);
 
     // vCPU ioctls

@@ -151,6 +151,17 @@ public unsafe struct kvm_enable_cap
 }
 
 [StructLayout(LayoutKind.Sequential)]
+public unsafe struct kvm_msi
+{
+    public uint address_lo;
+    public uint address_hi;
+    public uint data;
+    public uint flags;
+    public uint devid;
+    public fixed byte pad[12];
+}
+
+[StructLayout(LayoutKind.Sequential)]
 public struct kvm_mp_state
 {
     public uint mp_state;
