@@ -21,7 +21,7 @@ run_timed() {
     local t0=${EPOCHREALTIME/./} line now
     set +e
     # (in a subshell, so that bash does not report a VMM that aborts, e.g. QEMU's assertion)
-    (timeout -s TERM -k 10 "$to" "$@" </dev/null 2>&1; exit $?) | while IFS= read -r line || [ -n "$line" ]; do
+    (timeout -s TERM -k 10 "$to" "$@" </dev/null 2>&1; exit $?) 2>/dev/null | while IFS= read -r line || [ -n "$line" ]; do
         now=${EPOCHREALTIME/./}
         printf '%d.%06d %s\n' $(((now - t0) / 1000000)) $(((now - t0) % 1000000)) "${line//$'\r'/}"
     done >"$log"
