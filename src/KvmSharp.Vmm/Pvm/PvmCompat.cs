@@ -62,7 +62,7 @@ internal sealed class PvmCompat
         if (!words.Contains("noxsave"))
             add.Add("noxsave");
         if (!words.Any(w => w.StartsWith("clearcpuid=", StringComparison.Ordinal)))
-            add.Add("clearcpuid=cx16,popcnt,smap,rdrand,rdseed,aes,pclmulqdq,sha_ni,sse4_2");
+            add.Add("clearcpuid=cx16,popcnt,smap,rdrand,rdseed,aes,pclmulqdq,sha_ni,ssse3,sse4_1,sse4_2");
         return add.Count == 0 ? commandLine : commandLine + " " + string.Join(' ', add);
     }
 
