@@ -149,9 +149,9 @@ public static partial class ImgCommand
         int bufSize = Math.Max(gran, 2 << 20);
         // Reading the source and writing the target overlap: a reader thread fills buffers (two in
         // flight) while this thread writes, as qemu-img convert overlaps its requests.
-        using var filled = new System.Collections.Concurrent.BlockingCollection<(byte[]? Buf, ulong Off, int Len)>(2);
-        using var free = new System.Collections.Concurrent.BlockingCollection<byte[]>(3);
-        for (int i = 0; i < 3; i++) free.Add(new byte[bufSize]);
+        using var filled = new System.Collections.Concurrent.BlockingCollection<(ArraySegment<byte> Buf, ulong Off, int Len)>(2);
+        using var free = new System.Collections.Concurrent.BlockingCollection<ArraySegment<byte>>(3);
+        for (int i = 0; i < 3; i++) free.Add(PageAligned(bufSize));
         using var stop = new CancellationTokenSource(); // the writer failed: the reader must not block
         var ct = stop.Token;
         var reader = Task.Run(() =>
@@ -170,7 +170,7 @@ public static partial class ImgCommand
                         if (skip >= (ulong)gran || roff + skip == size)
                         {
                             skip = roff + skip == size ? skip : skip / (ulong)gran * (ulong)gran;
-                            filled.Add((null, roff, (int)skip), ct);
+                            filled.Add((default, roff, (int)skip), ct);
                             roff += skip;
                             continue;
                         }
@@ -189,7 +189,7 @@ public static partial class ImgCommand
         {
         foreach (var (b, off, n) in filled.GetConsumingEnumerable())
         {
-            if (b is not null)
+            if (b.Array is not null)
             {
                 var span = b.AsSpan(0, n);
                 int i = 0;
@@ -240,6 +240,17 @@ public static partial class ImgCommand
         if (progress) o.WriteLine("    (100.00/100%)");
         if (!unsafeCache || q is not null) d.Flush(); // qcow2: metadata written (fsync skipped when unsafe)
         return 0;
+    }
+
+    /// <summary>A page-aligned buffer (pinned, so it never moves), as QEMU's qemu_blockalign: the
+    /// kernel copies whole pages to and from the page cache.</summary>
+    private static unsafe ArraySegment<byte> PageAligned(int size)
+    {
+        var a = GC.AllocateUninitializedArray<byte>(size + 4096, pinned: true);
+        // SAFETY: the array is pinned (POH), so its address is stable for the life of the segment.
+        nint addr = (nint)System.Runtime.CompilerServices.Unsafe.AsPointer(ref a[0]);
+        int skip = (int)((4096 - (addr & 4095)) & 4095);
+        return new ArraySegment<byte>(a, skip, size);
     }
 
     // ------------------------------------------------------------------ commit
