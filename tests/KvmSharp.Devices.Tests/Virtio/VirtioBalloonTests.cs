@@ -177,6 +177,21 @@ public sealed class VirtioBalloonTests : IDisposable
     }
 
     [Fact]
+    public void Inflate_AllocatesNothing()
+    {
+        Activate();
+        for (int round = 0; round < 2; round++)
+        {
+            Post(Inflate, 0x81, 0x82, 0x100, 0x90);
+            long before = GC.GetAllocatedBytesForCurrentThread();
+            _balloon.QueueNotify(Inflate);
+            long allocated = GC.GetAllocatedBytesForCurrentThread() - before;
+            if (round == 1)
+                Assert.Equal(0, allocated);
+        }
+    }
+
+    [Fact]
     public void Deflate_IsCounted_AndReturned()
     {
         Activate();

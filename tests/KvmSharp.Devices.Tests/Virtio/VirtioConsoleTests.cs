@@ -66,6 +66,25 @@ public sealed class VirtioConsoleTests : IDisposable
     }
 
     [Fact]
+    public void TransmitAndReceive_AllocateNothing()
+    {
+        var console = new VirtioConsole(Stream.Null, queueSize: 16);
+        Assert.True(console.Activate(_memory, console.DeviceFeatures, _driver.Queues, _irq));
+        for (int round = 0; round < 2; round++)
+        {
+            _driver.AddChain(Tx, (Buf, 100, false));
+            _driver.AddChain(Rx, (Buf + 0x1000, 100, true));
+            long before = GC.GetAllocatedBytesForCurrentThread();
+            console.QueueNotify(Tx);
+            console.EnqueueInput("abc"u8);
+            long allocated = GC.GetAllocatedBytesForCurrentThread() - before;
+            if (round == 1)
+                Assert.Equal(0, allocated);
+        }
+        Assert.Equal(6, console.BytesIn);
+    }
+
+    [Fact]
     public void Transmit_BadChainIsReturnedAndNothingIsWritten()
     {
         Activate();
