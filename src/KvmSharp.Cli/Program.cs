@@ -59,6 +59,7 @@ internal static class Program
           --pvm auto|on|off      PVM-host compatibility (default auto: on when /dev/kvm is kvm_pvm)
           --debug-exit           isa-debug-exit at port 0xf4: a write of v exits with (v<<1)|1
           --rng                  virtio-rng device (entropy from the host)
+          --net tap=NAME[,mac=M] virtio-net on TAP NAME (created if missing; tap= lets the kernel name it)
           --no-acpi              no ACPI tables and no PCI (MP table only)
           --ksm                  mark guest RAM mergeable (KSM page sharing)
           --hugepages            back guest RAM with hugetlbfs pages

@@ -50,6 +50,7 @@ internal static class RunCommand
         ulong memory = 256UL << 20;
         bool kernelDecompress = false, pvh = false, debugExit = false, ksm = false, huge = false, acpi = true, rng = false;
         bool? pvm = null;
+        var nets = new List<NetConfig>();
         for (int i = 0; i < args.Length; i++)
         {
             string a = args[i];
@@ -86,6 +87,7 @@ internal static class RunCommand
                 case "--ksm": ksm = true; break;
                 case "--no-acpi": acpi = false; break;
                 case "--rng": rng = true; break;
+                case "--net": nets.Add(ParseNet(Value(), nets.Count)); break;
                 case "--hugepages": huge = true; break;
                 default: throw new ArgumentException($"unknown option '{a}' for run (try 'kvmsharp --help')");
             }
@@ -106,9 +108,41 @@ internal static class RunCommand
             DebugExit = debugExit,
             Acpi = acpi,
             Rng = rng,
+            Nets = nets,
             Mergeable = ksm,
             HugePages = huge,
         };
+    }
+
+    /// <summary>Parses <c>tap=NAME[,mac=52:54:00:12:34:56]</c> (tap= may be empty: the kernel names it).</summary>
+    internal static NetConfig ParseNet(string text, int index)
+    {
+        string? tap = null;
+        // Locally administered, unicast; the index keeps several NICs of one VM apart.
+        byte[] mac = [0x52, 0x54, 0x00, (byte)Random.Shared.Next(256), (byte)Random.Shared.Next(256), (byte)index];
+        foreach (var part in text.Split(',', StringSplitOptions.RemoveEmptyEntries))
+        {
+            var kv = part.Split('=', 2);
+            switch (kv[0])
+            {
+                case "tap" when kv.Length == 2:
+                    tap = kv[1].Length == 0 ? null : kv[1];
+                    if (tap is { Length: > 15 })
+                        throw new ArgumentException($"--net: TAP name '{tap}' is longer than 15 characters");
+                    break;
+                case "mac" when kv.Length == 2:
+                    var bytes = kv[1].Split(':');
+                    if (bytes.Length != 6 || !bytes.All(b => b.Length == 2 && byte.TryParse(b, NumberStyles.HexNumber, CultureInfo.InvariantCulture, out _)))
+                        throw new ArgumentException($"--net: '{kv[1]}' is not a MAC address like 52:54:00:12:34:56");
+                    mac = bytes.Select(b => byte.Parse(b, NumberStyles.HexNumber, CultureInfo.InvariantCulture)).ToArray();
+                    if ((mac[0] & 1) != 0)
+                        throw new ArgumentException($"--net: {kv[1]} is a multicast address; a NIC needs a unicast one");
+                    break;
+                default:
+                    throw new ArgumentException($"--net: unknown setting '{part}' (use tap=NAME,mac=XX:XX:XX:XX:XX:XX)");
+            }
+        }
+        return new NetConfig(tap, mac);
     }
 
     /// <summary>Parses 512M, 5G, 1T, 4096 (bytes), 64K; binary units like QEMU's -m.</summary>

@@ -26,6 +26,7 @@ public sealed class Vm : IDisposable
     private const ulong TssAddress = 0xFFFB_D000;
     private const ulong IdentityMapAddress = 0xFFFB_C000;
     private const uint SerialGsi = 4;
+    private const uint EpollEdgeTriggered = 1u << 31; // EPOLLET
 
     private readonly KvmSystem _kvm;
     private readonly KvmVm _vmFd;
@@ -189,6 +190,15 @@ public sealed class Vm : IDisposable
         var msi = new KvmMsiSink(_vmFd);
         if (Config.Rng)
             AddVirtioPci(pci, msi, new VirtioRng());
+        foreach (var n in Config.Nets)
+        {
+            var tap = TapNetBackend.Open(n.Tap);
+            _owned.Add(tap);
+            var net = new VirtioNet(tap, n.Mac, log: _log);
+            AddVirtioPci(pci, msi, net);
+            _eventLoop.Add(tap.Fd, Libc.EPOLLIN | EpollEdgeTriggered, new NetPump(net));
+            _diagnostics.WriteLine($"kvmsharp: virtio-net on TAP {tap.InterfaceName}, MAC {Convert.ToHexString(n.Mac).ToLowerInvariant()}");
+        }
         return rsdp;
     }
 

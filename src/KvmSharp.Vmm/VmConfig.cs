@@ -32,6 +32,9 @@ public sealed record VmConfig
     /// <summary>A virtio-rng device (host entropy).</summary>
     public bool Rng { get; init; }
 
+    /// <summary>virtio-net devices, each on a TAP interface.</summary>
+    public IReadOnlyList<NetConfig> Nets { get; init; } = [];
+
     public bool Mergeable { get; init; }
     public bool HugePages { get; init; }
 
@@ -46,7 +49,7 @@ public sealed record VmConfig
             throw new VmConfigException($"Kernel file {KernelPath} does not exist.");
         if (InitrdPath is not null && !File.Exists(InitrdPath))
             throw new VmConfigException($"Initrd file {InitrdPath} does not exist.");
-        if (!Acpi && Rng)
+        if (!Acpi && (Rng || Nets.Count > 0))
             throw new VmConfigException("Virtio devices need PCI, which comes with ACPI: drop --no-acpi.");
     }
 }
@@ -58,3 +61,6 @@ public sealed class VmConfigException : Exception
     public VmConfigException(string message) : base(message) { }
     public VmConfigException(string message, Exception inner) : base(message, inner) { }
 }
+
+/// <summary>One virtio-net device: attach to (or create) TAP <see cref="Tap"/>; null lets the kernel name it.</summary>
+public sealed record NetConfig(string? Tap, byte[] Mac);
