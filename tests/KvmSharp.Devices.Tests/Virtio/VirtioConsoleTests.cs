@@ -225,6 +225,34 @@ public sealed class VirtioConsoleTests : IDisposable
         Assert.False(_console.Activate(_memory, _console.DeviceFeatures, [_driver.Queues[0]], _irq));
     }
 
+    [Fact]
+    public void Fuzz_RandomChainsOnBothQueues_NeverThrow()
+    {
+        Activate();
+        var rng = new Random(4242);
+        var input = new byte[64];
+        for (int iter = 0; iter < 1000; iter++)
+        {
+            int q = rng.Next(2);
+            int n = rng.Next(1, 4);
+            var buffers = new (ulong, uint, bool)[n];
+            for (int i = 0; i < n; i++)
+            {
+                ulong addr = rng.Next(4) == 0 ? (ulong)rng.NextInt64() : Buf + (ulong)rng.Next(0, 0x10000);
+                uint len = rng.Next(4) == 0 ? (uint)rng.Next() : (uint)rng.Next(0, 300);
+                buffers[i] = (addr, len, rng.Next(3) == 0 ? q == 1 : q == 0);
+            }
+            _driver.AddChain(q, buffers);
+            _console.QueueNotify(q);
+            rng.NextBytes(input);
+            _console.EnqueueInput(input.AsSpan(0, rng.Next(input.Length)));
+            Assert.False(_console.Broken);
+        }
+        Assert.True(_console.BytesIn > 0);
+        Assert.True(_console.BytesOut > 0);
+        Assert.True(_console.BadChains > 0);
+    }
+
     private byte[] Read(ulong at, int length)
     {
         var b = new byte[length];
