@@ -62,4 +62,38 @@ public class QemuInteropMixedTests
         var cmp = Qemu.Run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", d["e.raw"], d["top.qcow2"]);
         Assert.True(cmp.Code == 0, cmp.Out + cmp.Err);
     }
+
+    [Fact]
+    public void WritesToImageWithInternalSnapshotCopyShareClusters()
+    {
+        Qemu.Require();
+        using var d = new TempDir();
+        var data = Pattern.Make(6 << 20, 23);
+        File.WriteAllBytes(d["src.raw"], data);
+        Qemu.Img("convert", "-O", "qcow2", "-o", "cluster_size=4096", d["src.raw"], d["a.qcow2"]);
+        Qemu.Img("snapshot", "-c", "s1", d["a.qcow2"]);
+        var expect = (byte[])data.Clone();
+        using (var dev = BlockDeviceFactory.Open(d["a.qcow2"], readOnly: false))
+        {
+            var rnd = new Random(5);
+            for (int i = 0; i < 60; i++)
+            {
+                var buf = new byte[rnd.Next(1, 50_000)];
+                rnd.NextBytes(buf);
+                int off = rnd.Next(0, expect.Length - buf.Length);
+                dev.Write(buf, (ulong)off);
+                buf.CopyTo(expect, off);
+            }
+            dev.WriteZeroes(1 << 20, 1 << 20);
+            expect.AsSpan(1 << 20, 1 << 20).Clear();
+        }
+        var (code, output) = Qemu.Check(d["a.qcow2"]);
+        Assert.True(code == 0, output);
+        File.WriteAllBytes(d["e.raw"], expect);
+        Assert.Equal(0, Qemu.Run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", d["e.raw"], d["a.qcow2"]).Code);
+        // The snapshot still holds the data of its time.
+        Qemu.Img("snapshot", "-a", "s1", d["a.qcow2"]);
+        Assert.Equal(0, Qemu.Run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", d["src.raw"], d["a.qcow2"]).Code);
+        Assert.Equal(0, Qemu.Check(d["a.qcow2"]).Code);
+    }
 }
