@@ -23,8 +23,8 @@ public static class VirtioBlockFeatures
 }
 
 /// <summary>
-/// virtio block device (virtio 1.2 §5.2) over a <see cref="IBlockDevice"/>: one request queue,
-/// IN/OUT/FLUSH/GET_ID/DISCARD/WRITE_ZEROES. Every request is validated (framing, direction,
+/// virtio block device (virtio 1.2 §5.2) over a <see cref="IBlockDevice"/>: one request queue
+/// (or several with VIRTIO_BLK_F_MQ), IN/OUT/FLUSH/GET_ID/DISCARD/WRITE_ZEROES. Every request is validated (framing, direction,
 /// checked sector arithmetic, capacity) before the back end sees it, as firecracker
 /// <c>request.rs</c> <c>parse</c> does; a bad request gets VIRTIO_BLK_S_IOERR or _UNSUPP in its
 /// status byte, never an exception.
@@ -56,6 +56,9 @@ public sealed class VirtioBlock : IVirtioDevice
 
     /// <summary>Most segments in one DISCARD or WRITE_ZEROES request.</summary>
     public const int MaxDiscardSegments = 8;
+
+    /// <summary>Most request queues a device can have.</summary>
+    public const int MaxQueues = 64;
 
     // Request types (§5.2.6).
     internal const uint VIRTIO_BLK_T_IN = 0;
@@ -98,6 +101,7 @@ public sealed class VirtioBlock : IVirtioDevice
     private readonly IBlockDevice _disk;
     private readonly bool _readOnly;
     private readonly ushort _queueSize;
+    private readonly int _numQueues;
     private readonly byte[] _id = new byte[IdBytes];
     private readonly RateLimitedLog? _log;
 
@@ -107,7 +111,7 @@ public sealed class VirtioBlock : IVirtioDevice
     private readonly byte[] _bounce = new byte[BounceSize];
     private readonly virtio_blk_discard_write_zeroes[] _segments = new virtio_blk_discard_write_zeroes[MaxDiscardSegments];
     private GuestMemory? _memory;
-    private VirtQueue? _queue;
+    private IReadOnlyList<VirtQueue>? _queues;
     private IVirtioInterrupt? _interrupt;
     private bool _writeThrough;
 
@@ -129,10 +133,30 @@ public sealed class VirtioBlock : IVirtioDevice
     /// <exception cref="ArgumentNullException"><paramref name="disk"/> or <paramref name="serial"/> is null.</exception>
     /// <exception cref="ArgumentOutOfRangeException"><paramref name="queueSize"/> is invalid or below 4.</exception>
     public VirtioBlock(IBlockDevice disk, string serial, bool readOnly = false, ushort queueSize = 256, RateLimitedLog? log = null)
+        : this(disk, serial, readOnly, queueSize, 1, log)
+    {
+    }
+
+    /// <summary>Creates the device with <paramref name="numQueues"/> request queues
+    /// (VIRTIO_BLK_F_MQ when more than one). All queues are served on the notifying thread under
+    /// one lock, so more queues only spare the guest its own lock contention.</summary>
+    /// <param name="disk">The back end; the device does not dispose it.</param>
+    /// <param name="serial">GET_ID answer (see the other constructor).</param>
+    /// <param name="readOnly">Refuse writes even when the back end is writable.</param>
+    /// <param name="queueSize">Maximum size of each request queue.</param>
+    /// <param name="numQueues">Number of request queues, 1 to <see cref="MaxQueues"/>.</param>
+    /// <param name="log">Where guest-caused errors are reported, rate-limited; null for none.</param>
+    /// <exception cref="ArgumentNullException"><paramref name="disk"/> or <paramref name="serial"/> is null.</exception>
+    /// <exception cref="ArgumentOutOfRangeException"><paramref name="queueSize"/> or
+    /// <paramref name="numQueues"/> is out of range.</exception>
+    public VirtioBlock(IBlockDevice disk, string serial, bool readOnly, ushort queueSize, int numQueues, RateLimitedLog? log = null)
     {
         ArgumentNullException.ThrowIfNull(disk);
         ArgumentNullException.ThrowIfNull(serial);
         ArgumentOutOfRangeException.ThrowIfLessThan(queueSize, (ushort)4);
+        ArgumentOutOfRangeException.ThrowIfLessThan(numQueues, 1);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(numQueues, MaxQueues);
+        _numQueues = numQueues;
         _ = new VirtQueue(queueSize); // validates the size
         _disk = disk;
         _readOnly = readOnly || disk.ReadOnly;
@@ -153,6 +177,8 @@ public sealed class VirtioBlock : IVirtioDevice
         {
             ulong f = VirtioFeatures.VERSION_1 | VirtioFeatures.RING_INDIRECT_DESC | VirtioFeatures.RING_EVENT_IDX
                 | VirtioBlockFeatures.SEG_MAX | VirtioBlockFeatures.BLK_SIZE | VirtioBlockFeatures.FLUSH;
+            if (_numQueues > 1)
+                f |= VirtioBlockFeatures.MQ;
             if (_readOnly)
                 f |= VirtioBlockFeatures.RO;
             else
@@ -162,7 +188,7 @@ public sealed class VirtioBlock : IVirtioDevice
     }
 
     /// <inheritdoc/>
-    public int QueueCount => 1;
+    public int QueueCount => _numQueues;
 
     /// <summary>True when writes are refused (VIRTIO_BLK_F_RO offered).</summary>
     public bool ReadOnly => _readOnly;
@@ -206,7 +232,7 @@ public sealed class VirtioBlock : IVirtioDevice
         BinaryPrimitives.WriteUInt64LittleEndian(config, CapacitySectors);          // capacity
         BinaryPrimitives.WriteUInt32LittleEndian(config[12..], SegMax);             // seg_max
         BinaryPrimitives.WriteUInt32LittleEndian(config[20..], SectorSize);         // blk_size
-        BinaryPrimitives.WriteUInt16LittleEndian(config[34..], 1);                  // num_queues
+        BinaryPrimitives.WriteUInt16LittleEndian(config[34..], (ushort)_numQueues); // num_queues
         BinaryPrimitives.WriteUInt32LittleEndian(config[36..], MaxDiscardSectors);  // max_discard_sectors
         BinaryPrimitives.WriteUInt32LittleEndian(config[40..], MaxDiscardSegments); // max_discard_seg
         BinaryPrimitives.WriteUInt32LittleEndian(config[44..], 1);                  // discard_sector_alignment
@@ -239,10 +265,12 @@ public sealed class VirtioBlock : IVirtioDevice
         ArgumentNullException.ThrowIfNull(interrupt);
         lock (_lock)
         {
-            if (queues.Count != 1 || !queues[0].Ready)
+            // The driver may use fewer queues than offered (Linux: at most one per CPU); the
+            // unused ones are never made ready and are ignored.
+            if (queues.Count != _numQueues || !queues[0].Ready)
                 return false;
             _memory = memory;
-            _queue = queues[0];
+            _queues = queues;
             _interrupt = interrupt;
             _writeThrough = (negotiatedFeatures & VirtioBlockFeatures.FLUSH) == 0;
             Broken = false;
@@ -256,7 +284,7 @@ public sealed class VirtioBlock : IVirtioDevice
         lock (_lock)
         {
             _memory = null;
-            _queue = null;
+            _queues = null;
             _interrupt = null;
             Broken = false;
         }
@@ -265,17 +293,20 @@ public sealed class VirtioBlock : IVirtioDevice
     /// <inheritdoc/>
     public void QueueNotify(int queueIndex)
     {
-        if (queueIndex == 0)
-            ProcessQueue();
+        ProcessQueue(queueIndex);
     }
 
-    /// <summary>Serves every available request, then signals the driver if it wants it.</summary>
-    public void ProcessQueue()
+    /// <summary>Serves every available request of queue <paramref name="queueIndex"/>, then
+    /// signals the driver if it wants it. Indices of absent or unused queues are ignored.</summary>
+    public void ProcessQueue(int queueIndex = 0)
     {
         lock (_lock)
         {
-            if (_queue is not { } queue || _memory is not { } memory || _interrupt is not { } interrupt || Broken)
+            if (_queues is not { } queues || _memory is not { } memory || _interrupt is not { } interrupt || Broken)
                 return;
+            if ((uint)queueIndex >= (uint)queues.Count || !queues[queueIndex].Ready)
+                return;
+            VirtQueue queue = queues[queueIndex];
             bool used = false;
             while (true)
             {
@@ -309,7 +340,7 @@ public sealed class VirtioBlock : IVirtioDevice
                     break;
             }
             if (used && queue.NeedsNotification(memory))
-                interrupt.Signal(VirtioInterruptType.Queue, 0);
+                interrupt.Signal(VirtioInterruptType.Queue, queueIndex);
         }
     }
 

@@ -480,6 +480,37 @@ public sealed class VirtioBlockTests : IDisposable
     }
 
     [Fact]
+    public void MultiQueue_ServesEachReadyQueue_AndIgnoresUnusedOnes()
+    {
+        _image = RawImage.Open(_path, false);
+        _blk = new VirtioBlock(_image, "mq", readOnly: false, queueSize: 16, numQueues: 3);
+        Assert.Equal(3, _blk.QueueCount);
+        Assert.NotEqual(0UL, _blk.DeviceFeatures & VirtioBlockFeatures.MQ);
+        var config = new byte[2];
+        _blk.ReadConfig(34, config);
+        Assert.Equal(3, BinaryPrimitives.ReadUInt16LittleEndian(config));
+        var mq = new MultiQueueDriver(_memory, 3, 16);
+        mq.Queues[2].Ready = false; // the driver uses two of the three
+        Assert.True(_blk.Activate(_memory, _blk.DeviceFeatures, mq.Queues, _irq));
+
+        Header(T_IN, 5);
+        mq.AddChain(1, (Hdr, 16, false), (Data, 512, true), (Status, 1, true));
+        _blk.QueueNotify(0); // nothing on queue 0
+        Assert.Equal(0, mq.UsedIdx(1));
+        _blk.QueueNotify(1);
+        Assert.Equal(1, mq.UsedIdx(1));
+        Assert.Equal(513u, mq.Used(1, 0).Len);
+        Assert.Equal(1, _irq.LastQueue);
+        Assert.Equal(Disk().AsSpan(5 * 512, 512).ToArray(), Guest(Data, 512));
+        _blk.QueueNotify(2);
+        _blk.QueueNotify(3);
+        _blk.QueueNotify(-1);
+        Assert.Equal(1, _blk.Requests);
+        Assert.Throws<ArgumentOutOfRangeException>(() => new VirtioBlock(_image, "x", false, 16, 0));
+        Assert.Equal(0UL, new VirtioBlock(_image, "x").DeviceFeatures & VirtioBlockFeatures.MQ);
+    }
+
+    [Fact]
     public void ThroughTheMmioTransport()
     {
         _image = RawImage.Open(_path, false);
