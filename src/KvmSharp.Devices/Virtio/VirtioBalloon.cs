@@ -250,7 +250,7 @@ public sealed class VirtioBalloon : IVirtioDevice
             BinaryPrimitives.WriteUInt32LittleEndian(config, _targetPages);
             BinaryPrimitives.WriteUInt32LittleEndian(config[4..], _actualPages);
         }
-        VirtioBlock.CopyConfig(config, offset, data);
+        VirtioConfigSpace.Read(config, offset, data);
     }
 
     /// <inheritdoc/>

@@ -239,22 +239,13 @@ public sealed class VirtioBlock : IVirtioDevice
         BinaryPrimitives.WriteUInt32LittleEndian(config[48..], MaxDiscardSectors);  // max_write_zeroes_sectors
         BinaryPrimitives.WriteUInt32LittleEndian(config[52..], MaxDiscardSegments); // max_write_zeroes_seg
         config[56] = 1;                                                             // write_zeroes_may_unmap
-        CopyConfig(config, offset, data);
+        VirtioConfigSpace.Read(config, offset, data);
     }
 
     /// <inheritdoc/>
     /// <remarks>Every field is read-only without VIRTIO_BLK_F_CONFIG_WCE, which is not offered.</remarks>
     public void WriteConfig(ulong offset, ReadOnlySpan<byte> data)
     {
-    }
-
-    internal static void CopyConfig(ReadOnlySpan<byte> config, ulong offset, Span<byte> data)
-    {
-        data.Clear();
-        if (offset >= (ulong)config.Length)
-            return;
-        ReadOnlySpan<byte> src = config[(int)offset..];
-        src[..Math.Min(src.Length, data.Length)].CopyTo(data);
     }
 
     /// <inheritdoc/>

@@ -137,7 +137,7 @@ public sealed class VirtioConsole : IVirtioDevice
         BinaryPrimitives.WriteUInt16LittleEndian(config, _cols);
         BinaryPrimitives.WriteUInt16LittleEndian(config[2..], _rows);
         BinaryPrimitives.WriteUInt32LittleEndian(config[4..], 1);
-        VirtioBlock.CopyConfig(config, offset, data);
+        VirtioConfigSpace.Read(config, offset, data);
     }
 
     /// <inheritdoc/>
