@@ -194,15 +194,67 @@ public sealed class Qcow2Image : IBlockDevice
 
     // ---------------------------------------------------------------- public device API
 
+    /// <summary>Unlocked data reads in flight. Refcount decrements wait until it is zero, so a cluster
+    /// being read outside the lock cannot be freed and reused under the reader.</summary>
+    private int _inflight;
+
+    /// <remarks>Mapping lookups run under the lock; the pread of allocated data and reads of the backing
+    /// file run outside it, so parallel readers overlap their copies.</remarks>
     public int Read(Span<byte> buffer, ulong offset)
     {
         CheckRange(offset, (ulong)buffer.Length);
-        lock (_lock)
+        int total = buffer.Length;
+        while (buffer.Length > 0)
         {
-            ObjectDisposedException.ThrowIf(_disposed, this);
-            ReadCore(buffer, offset);
+            int kind, n;
+            ulong host;
+            lock (_lock)
+            {
+                ObjectDisposedException.ThrowIf(_disposed, this);
+                kind = PlanRead(buffer.Length, offset, out host, out n);
+                if (kind == 0) ReadCore(buffer[..n], offset);
+                else if (kind == 1) _inflight++;
+            }
+            if (kind == 1)
+            {
+                try { PRead(buffer[..n], host); }
+                finally { Interlocked.Decrement(ref _inflight); }
+            }
+            else if (kind == 2) ReadBacking(buffer[..n], offset);
+            buffer = buffer[n..];
+            offset += (ulong)n;
         }
-        return buffer.Length;
+        return total;
+    }
+
+    /// <summary>0: read <paramref name="n"/> bytes under the lock (compressed, subclusters, zero);
+    /// 1: pread <paramref name="n"/> bytes at <paramref name="host"/>; 2: read them from the backing file.</summary>
+    private int PlanRead(int len, ulong off, out ulong host, out int n)
+    {
+        ulong vc = off >> _cb;
+        int inC = (int)(off & _cmask);
+        n = Math.Min(len, _cs - inC);
+        host = 0;
+        if (_ext) return 0;
+        ulong e = GetL2Entry(vc, out _);
+        if ((e & Qcow2Const.CompressedFlag) != 0 || _v3 && (e & Qcow2Const.ZeroFlag) != 0) return 0;
+        ulong h = e & Qcow2Const.OffsetMask;
+        if (h == 0) return Backing is null ? 0 : 2;
+        CheckDataOffset(h, vc);
+        int total = n;
+        ulong nextHost = h + (ulong)_cs;
+        ulong nvc = vc + 1;
+        while (total < len && (nvc & (ulong)(_l2Entries - 1)) != 0)
+        {
+            ulong ne = GetL2Entry(nvc, out _);
+            if ((ne & (Qcow2Const.CompressedFlag | Qcow2Const.ZeroFlag)) != 0 || (ne & Qcow2Const.OffsetMask) != nextHost) break;
+            total += Math.Min(len - total, _cs);
+            nextHost += (ulong)_cs;
+            nvc++;
+        }
+        n = total;
+        host = h + (ulong)inC;
+        return 1;
     }
 
     public void Write(ReadOnlySpan<byte> data, ulong offset)
@@ -975,7 +1027,7 @@ public sealed class Qcow2Image : IBlockDevice
                 _l1DirtyMin = int.MaxValue; _l1DirtyMax = -1;
             }
         }
-        if (_pendingFree.Count > 0)
+        if (_pendingFree.Count > 0 && Volatile.Read(ref _inflight) == 0)
         {
             Sync(); // references are gone from disk before the refcounts drop
             foreach (ulong c in _pendingFree)

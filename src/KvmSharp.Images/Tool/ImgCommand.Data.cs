@@ -490,18 +490,57 @@ public static partial class ImgCommand
         if (write) buf.AsSpan().Fill(pattern);
         if (!a.Has("q"))
             o.WriteLine($"Sending {count} {(write ? "write" : "read")} requests, {size} bytes each, {depth} in parallel (starting at offset {offset}, step size {step})");
+        // Requests in flight: up to -d, one thread each, capped at the CPU count (QEMU keeps -d AIO
+        // requests in flight from one thread; threads are our equivalent).
+        int threads = Math.Max(1, Math.Min(depth, Environment.ProcessorCount));
+        var seqLock = new object();
+        ulong next = offset;
+        int issued = 0;
         var sw = Stopwatch.StartNew();
-        ulong off = offset;
-        for (int i = 0; i < count; i++)
+        void Worker()
         {
-            if (write) dev.Write(buf, off);
-            else dev.Read(buf, off);
-            if (flushInterval > 0 && (i + 1) % flushInterval == 0) dev.Flush();
-            // qemu-img.c bench_cb as in QEMU 7.2 (the reference here): advance by step, wrap modulo the
-            // image size. (Later QEMU wraps modulo size - bufsize; --wrap-usable selects that.)
-            off += step;
-            if (usableWrap) off = imageSize <= (ulong)size ? 0 : off % (imageSize - (ulong)size);
-            else off = imageSize == 0 ? 0 : off % imageSize;
+            var b = threads == 1 ? buf : GC.AllocateArray<byte>(size, pinned: true);
+            if (write) b.AsSpan().Fill(pattern);
+            while (true)
+            {
+                ulong off;
+                int i;
+                lock (seqLock)
+                {
+                    if (issued == count) return;
+                    i = issued++;
+                    off = next;
+                    // qemu-img.c bench_cb as in QEMU 7.2 (the reference here): advance by step, wrap
+                    // modulo the image size. (Later QEMU wraps modulo size - bufsize: --wrap-usable.)
+                    next += step;
+                    if (usableWrap) next = imageSize <= (ulong)size ? 0 : next % (imageSize - (ulong)size);
+                    else next = imageSize == 0 ? 0 : next % imageSize;
+                }
+                if (write) dev.Write(b, off);
+                else dev.Read(b, off);
+                if (flushInterval > 0 && (i + 1) % flushInterval == 0) dev.Flush();
+            }
+        }
+        if (threads == 1) Worker();
+        else
+        {
+            var ts = new Thread[threads];
+            ImageException? failed = null;
+            for (int t = 0; t < threads; t++)
+            {
+                ts[t] = new Thread(() =>
+                {
+                    try { Worker(); }
+                    catch (ImageException e)
+                    {
+                        Interlocked.CompareExchange(ref failed, e, null);
+                        lock (seqLock) issued = count; // stop the others
+                    }
+                }) { IsBackground = true };
+                ts[t].Start();
+            }
+            foreach (var t in ts) t.Join();
+            if (failed is not null) throw failed;
         }
         sw.Stop();
         if (!a.Has("q")) o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"Run completed in {sw.Elapsed.TotalSeconds:F3} seconds."));
