@@ -1,6 +1,7 @@
 using System.Buffers.Binary;
 using KvmSharp.Devices.Virtio;
 using KvmSharp.Images;
+using KvmSharp.Images.Qcow2;
 using KvmSharp.Memory;
 
 namespace KvmSharp.Devices.Tests.Virtio;
@@ -508,6 +509,56 @@ public sealed class VirtioBlockTests : IDisposable
         Assert.Equal(1, _blk.Requests);
         Assert.Throws<ArgumentOutOfRangeException>(() => new VirtioBlock(_image, "x", false, 16, 0));
         Assert.Equal(0UL, new VirtioBlock(_image, "x").DeviceFeatures & VirtioBlockFeatures.MQ);
+    }
+
+    [Fact]
+    public void Qcow2Backend_RoundTrips_AndPersists()
+    {
+        string qcow = _path + ".qcow2";
+        try
+        {
+            Qcow2Creator.Create(qcow, new Qcow2CreateOptions { Size = 1UL << 20 });
+            var payload = new byte[4096];
+            new Random(9).NextBytes(payload);
+            using (IBlockDevice disk = BlockDeviceFactory.Open(qcow, readOnly: false))
+            {
+                _blk = new VirtioBlock(disk, "q", queueSize: 16);
+                _driver = new MockDriver(_memory, 16);
+                Assert.True(_blk.Activate(_memory, _blk.DeviceFeatures, [_driver.Queue], _irq));
+                Assert.Equal(2048UL, _blk.CapacitySectors);
+                _memory.Write(new GuestAddress(Data), payload);
+                Assert.Equal((1u, S_OK), Write(300, 4096));
+                Assert.Equal((1u, S_OK), Write(1000, 4096));
+                Header(T_WRITE_ZEROES, 0);
+                WriteSegment(0, 1000, 4, 0);
+                Assert.Equal((1u, S_OK), Submit((Hdr, 16, false), (Segs, 16, false), (Status, 1, true)));
+                Header(T_DISCARD, 0);
+                WriteSegment(0, 1004, 4, 0);
+                Assert.Equal((1u, S_OK), Submit((Hdr, 16, false), (Segs, 16, false), (Status, 1, true)));
+                Header(T_FLUSH, 0);
+                Assert.Equal((1u, S_OK), Submit((Hdr, 16, false), (Status, 1, true)));
+                Assert.Equal((1u, S_IOERR), Write(2048, 512)); // past the virtual size
+                _blk.Reset();
+            }
+            using (IBlockDevice disk = BlockDeviceFactory.Open(qcow, readOnly: true))
+            {
+                _memory.TryZero(new GuestAddress(MockDriver.DescAddr), 0x4000);
+                _blk = new VirtioBlock(disk, "q", queueSize: 16);
+                _driver = new MockDriver(_memory, 16);
+                Assert.True(_blk.Activate(_memory, _blk.DeviceFeatures, [_driver.Queue], _irq));
+                _memory.TryZero(new GuestAddress(Data), 0x2000);
+                Assert.Equal((4097u, S_OK), Read(300, 4096));
+                Assert.Equal(payload, Guest(Data, 4096));
+                _memory.Write(new GuestAddress(Data), payload);
+                Assert.Equal((4097u, S_OK), Read(1000, 4096));
+                Assert.Equal(new byte[4096], Guest(Data, 4096));
+                Assert.Equal((1u, S_IOERR), Write(0, 512)); // read-only
+            }
+        }
+        finally
+        {
+            File.Delete(qcow);
+        }
     }
 
     [Fact]
