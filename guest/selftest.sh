@@ -38,7 +38,7 @@ make_disk() {
 test_minimal() {
     local k=$OUT/minimal/bzImage i=$OUT/initrd.cpio
     echo "minimal: bzImage + initrd.cpio, run command, poweroff"
-    qemu "$k" "$i" "kvmsharp.run=$(b64 'echo hello; grep -c ^processor /proc/cpuinfo; nproc; cat /mnt/x 2>/dev/null; mount -t ext4 /dev/vda /mnt && cat /mnt/hello.txt; echo a b | xargs echo applets; exit 7') kvmsharp.exit=poweroff" \
+    qemu "$k" "$i" "kvmsharp.run=$(b64 'echo hello; grep -c ^processor /proc/cpuinfo; nproc; cat /mnt/x 2>/dev/null; mount -t ext4 /dev/vda /mnt && cat /mnt/hello.txt; echo a b | xargs echo applets; dd if=/dev/zero of=/tmp/l.img bs=1k count=1024 2>/dev/null; mke2fs -F -q /tmp/l.img && mkdir /tmp/m && mount -o loop /tmp/l.img /tmp/m && echo loop-ok; exit 7') kvmsharp.exit=poweroff" \
         -drive file="$WORK/disk.img",if=virtio,format=raw -device virtio-rng-pci
     expect "KVMSHARP-READY" '^KVMSHARP-READY$'
     expect "KVMSHARP-BEGIN" '^KVMSHARP-BEGIN$'
@@ -46,6 +46,7 @@ test_minimal() {
     expect "2 CPUs" '^2$'
     expect "virtio disk (ext4) readable" '^hello from the virtio disk$'
     expect "applets without symlinks (xargs runs echo)" '^applets a b$'
+    expect "loop device on demand (mount -o loop)" '^loop-ok$'
     expect "KVMSHARP-END rc=7" '^KVMSHARP-END rc=7$'
     expect "powered off" 'reboot: Power down'
 
