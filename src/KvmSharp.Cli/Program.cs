@@ -58,7 +58,10 @@ internal static class Program
           --pvh                  enter through the PVH entry point when the kernel has one
           --pvm auto|on|off      PVM-host compatibility (default auto: on when /dev/kvm is kvm_pvm)
           --debug-exit           isa-debug-exit at port 0xf4: a write of v exits with (v<<1)|1
+          --disk PATH[,ro][,id=S][,format=raw|qcow2]   virtio-blk disk (raw or qcow2 overlay)
           --rng                  virtio-rng device (entropy from the host)
+          --balloon MiB          virtio-balloon, initially taking MiB from the guest
+          --console virtio|serial  stdin to virtio-console (hvc0) or the UART (default serial)
           --net tap=NAME[,mac=M] virtio-net on TAP NAME (created if missing; tap= lets the kernel name it)
           --no-acpi              no ACPI tables and no PCI (MP table only)
           --ksm                  mark guest RAM mergeable (KSM page sharing)

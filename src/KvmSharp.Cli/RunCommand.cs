@@ -51,6 +51,9 @@ internal static class RunCommand
         bool kernelDecompress = false, pvh = false, debugExit = false, ksm = false, huge = false, acpi = true, rng = false;
         bool? pvm = null;
         var nets = new List<NetConfig>();
+        var disks = new List<DiskConfig>();
+        ulong? balloon = null;
+        bool virtioConsole = false;
         for (int i = 0; i < args.Length; i++)
         {
             string a = args[i];
@@ -88,6 +91,19 @@ internal static class RunCommand
                 case "--no-acpi": acpi = false; break;
                 case "--rng": rng = true; break;
                 case "--net": nets.Add(ParseNet(Value(), nets.Count)); break;
+                case "--disk": disks.Add(ParseDisk(Value(), disks.Count)); break;
+                case "--balloon":
+                    string bv = Value();
+                    balloon = ulong.TryParse(bv, NumberStyles.None, CultureInfo.InvariantCulture, out ulong mib) ? mib : throw new ArgumentException($"--balloon takes MiB as a number, not '{bv}'");
+                    break;
+                case "--console":
+                    virtioConsole = Value() switch
+                    {
+                        "virtio" => true,
+                        "serial" => false,
+                        var cv => throw new ArgumentException($"--console takes virtio or serial, not '{cv}'"),
+                    };
+                    break;
                 case "--hugepages": huge = true; break;
                 default: throw new ArgumentException($"unknown option '{a}' for run (try 'kvmsharp --help')");
             }
@@ -109,9 +125,35 @@ internal static class RunCommand
             Acpi = acpi,
             Rng = rng,
             Nets = nets,
+            Disks = disks,
+            BalloonMiB = balloon,
+            VirtioConsole = virtioConsole,
             Mergeable = ksm,
             HugePages = huge,
         };
+    }
+
+    /// <summary>Parses <c>PATH[,ro][,id=SERIAL][,format=raw|qcow2]</c>.</summary>
+    internal static DiskConfig ParseDisk(string text, int index)
+    {
+        var parts = text.Split(',');
+        if (parts[0].Length == 0)
+            throw new ArgumentException("--disk needs a path: --disk PATH[,ro][,id=SERIAL][,format=raw|qcow2]");
+        bool ro = false;
+        string serial = $"kvmsharp-disk{index}";
+        string? format = null;
+        foreach (var part in parts.Skip(1))
+        {
+            var kv = part.Split('=', 2);
+            switch (kv[0])
+            {
+                case "ro" when kv.Length == 1: ro = true; break;
+                case "id" when kv.Length == 2 && kv[1].Length is > 0 and <= 20: serial = kv[1]; break;
+                case "format" when kv.Length == 2 && kv[1] is "raw" or "qcow2": format = kv[1]; break;
+                default: throw new ArgumentException($"--disk: unknown or invalid setting '{part}' (ro, id=SERIAL of 1-20 characters, format=raw|qcow2)");
+            }
+        }
+        return new DiskConfig(parts[0], ro, serial, format);
     }
 
     /// <summary>Parses <c>tap=NAME[,mac=52:54:00:12:34:56]</c> (tap= may be empty: the kernel names it).</summary>

@@ -45,6 +45,8 @@ public sealed class Vm : IDisposable
     private EventLoop? _eventLoop;
     private ulong _nextBar = PlatformLayout.Pci32WindowStart;
     private int _nextSlot = 1;
+    private VirtioConsole? _virtioConsole;
+    private int _consoleOutFd = 1;
 
     private Vm(VmConfig config, KvmSystem kvm, KvmVm vmFd, GuestMemory memory, TextWriter diagnostics)
     {
@@ -63,6 +65,9 @@ public sealed class Vm : IDisposable
     public bool IsPvm { get; private init; }
     public BootResult Boot { get; private set; } = null!;
     public string EffectiveCommandLine { get; private set; } = "";
+
+    /// <summary>The virtio-balloon, when configured: <see cref="VirtioBalloon.SetTargetPages"/> resizes it.</summary>
+    public VirtioBalloon? Balloon { get; private set; }
 
     internal bool StopRequested => Volatile.Read(ref _stopRequested) != 0;
 
@@ -110,6 +115,7 @@ public sealed class Vm : IDisposable
 
     private void Build(KernelImage kernel, byte[]? initrd, CpuTemplate template, int consoleOutFd, int consoleInFd)
     {
+        _consoleOutFd = consoleOutFd;
         for (int i = 0; i < Memory.Regions.Count; i++)
         {
             var r = Memory.Regions[i];
@@ -165,7 +171,8 @@ public sealed class Vm : IDisposable
             _runners.Add(new VcpuRunner(this, vcpu, IsPvm ? new PvmCompat(vcpu, Memory, hook) : null));
         }
 
-        _input = new ConsoleInput(consoleInFd, data => _serial.EnqueueInput(data), () => RequestStop(VmExit.Of(VmExitKind.UserQuit, "quit from the console (Ctrl-A x)")));
+        Func<ReadOnlySpan<byte>, int> deliver = _virtioConsole is { } hvc ? data => hvc.EnqueueInput(data) : data => _serial.EnqueueInput(data);
+        _input = new ConsoleInput(consoleInFd, deliver, () => RequestStop(VmExit.Of(VmExitKind.UserQuit, "quit from the console (Ctrl-A x)")));
     }
 
     /// <summary>
@@ -190,6 +197,24 @@ public sealed class Vm : IDisposable
         var msi = new KvmMsiSink(_vmFd);
         if (Config.Rng)
             AddVirtioPci(pci, msi, new VirtioRng());
+        for (int i = 0; i < Config.Disks.Count; i++)
+        {
+            var d = Config.Disks[i];
+            var image = KvmSharp.Images.BlockDeviceFactory.Open(d.Path, d.ReadOnly, d.Format);
+            _owned.Add(image);
+            AddVirtioPci(pci, msi, new VirtioBlock(image, d.Serial, d.ReadOnly, log: _log));
+        }
+        if (Config.BalloonMiB is { } balloonMiB)
+        {
+            Balloon = new VirtioBalloon(log: _log);
+            Balloon.SetTargetPages(checked((uint)(balloonMiB * 256)));
+            AddVirtioPci(pci, msi, Balloon);
+        }
+        if (Config.VirtioConsole)
+        {
+            _virtioConsole = new VirtioConsole(new ConsoleOutput(_consoleOutFd, _panic), log: _log);
+            AddVirtioPci(pci, msi, _virtioConsole);
+        }
         foreach (var n in Config.Nets)
         {
             var tap = TapNetBackend.Open(n.Tap);

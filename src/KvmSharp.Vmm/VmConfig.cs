@@ -32,6 +32,15 @@ public sealed record VmConfig
     /// <summary>A virtio-rng device (host entropy).</summary>
     public bool Rng { get; init; }
 
+    /// <summary>virtio-blk devices.</summary>
+    public IReadOnlyList<DiskConfig> Disks { get; init; } = [];
+
+    /// <summary>virtio-balloon with this initial target (MiB taken from the guest); null for none.</summary>
+    public ulong? BalloonMiB { get; init; }
+
+    /// <summary>Console on virtio-console (hvc0) instead of the UART's input; the UART still prints.</summary>
+    public bool VirtioConsole { get; init; }
+
     /// <summary>virtio-net devices, each on a TAP interface.</summary>
     public IReadOnlyList<NetConfig> Nets { get; init; } = [];
 
@@ -49,7 +58,14 @@ public sealed record VmConfig
             throw new VmConfigException($"Kernel file {KernelPath} does not exist.");
         if (InitrdPath is not null && !File.Exists(InitrdPath))
             throw new VmConfigException($"Initrd file {InitrdPath} does not exist.");
-        if (!Acpi && (Rng || Nets.Count > 0))
+        foreach (var d in Disks)
+        {
+            if (!File.Exists(d.Path))
+                throw new VmConfigException($"Disk image {d.Path} does not exist.");
+        }
+        if (BalloonMiB is { } b && b * 1024 * 1024 >= MemoryBytes)
+            throw new VmConfigException($"--balloon {b} MiB would take all of the guest's memory.");
+        if (!Acpi && (Rng || Nets.Count > 0 || Disks.Count > 0 || BalloonMiB.HasValue || VirtioConsole))
             throw new VmConfigException("Virtio devices need PCI, which comes with ACPI: drop --no-acpi.");
     }
 }
@@ -64,3 +80,6 @@ public sealed class VmConfigException : Exception
 
 /// <summary>One virtio-net device: attach to (or create) TAP <see cref="Tap"/>; null lets the kernel name it.</summary>
 public sealed record NetConfig(string? Tap, byte[] Mac);
+
+/// <summary>One virtio-blk device over a raw or qcow2 image.</summary>
+public sealed record DiskConfig(string Path, bool ReadOnly, string Serial, string? Format);

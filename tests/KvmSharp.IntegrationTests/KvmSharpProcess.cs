@@ -11,9 +11,9 @@ internal sealed class KvmSharpProcess : IDisposable
     private readonly StringBuilder _stderr = new();
     private readonly Lock _lock = new();
 
-    public KvmSharpProcess(IEnumerable<string> args)
+    public KvmSharpProcess(IEnumerable<string> args, string? fileName = null)
     {
-        var psi = new ProcessStartInfo(Assets.Binary)
+        var psi = new ProcessStartInfo(fileName ?? Assets.Binary)
         {
             RedirectStandardInput = true,
             RedirectStandardOutput = true,

@@ -1,0 +1,91 @@
+using System.Diagnostics;
+using System.Text.RegularExpressions;
+using Xunit;
+
+namespace KvmSharp.IntegrationTests;
+
+/// <summary>
+/// One boot of guest (a) with PCI devices: virtio-rng gives entropy, virtio-net moves a file over
+/// TCP to the host end of a TAP in a network namespace made by the test (the host's own network is
+/// never touched), and `poweroff` ends the VM through ACPI with exit code 0.
+/// </summary>
+public class DeviceBootTests(ITestOutputHelper output)
+{
+    private static readonly TimeSpan BootTimeout = TimeSpan.FromMinutes(15);
+
+    [Fact]
+    public void RngAndNetworkWorkAndPoweroffExitsZero()
+    {
+        Assets.RequireBinary();
+        Assets.RequireKvm();
+        Assets.RequireFile(Assets.MinimalKernel, "run guest/build.sh");
+        Assets.RequireFile(Assets.Initrd, "run guest/build.sh");
+        Assets.RequireFile("/dev/net/tun", "no TUN/TAP support on this host");
+        Assets.RequireFile("/usr/bin/busybox", "apt-get install busybox-static (scripts/setup.sh does)");
+
+        string ns = $"kvmsharp-it{Environment.ProcessId}";
+        const string Tap = "kstap0", HostIp = "172.31.213.1", GuestIp = "172.31.213.2";
+        string received = Path.Combine(Path.GetTempPath(), $"{ns}.bin");
+        Sh($"ip netns add {ns}");
+        Process? listener = null;
+        try
+        {
+            Sh($"ip netns exec {ns} ip tuntap add dev {Tap} mode tap vnet_hdr");
+            Sh($"ip netns exec {ns} ip addr add {HostIp}/24 dev {Tap}");
+            Sh($"ip netns exec {ns} ip link set {Tap} up");
+            Sh($"ip netns exec {ns} ip link set lo up");
+            listener = Process.Start(new ProcessStartInfo("sh", ["-c", $"exec ip netns exec {ns} timeout 900 busybox nc -l -p 5000 > {received}"]))!;
+
+            string script = $"""
+                echo "rng=$(cat /sys/class/misc/hw_random/rng_current)"
+                dd if=/dev/hwrng of=/tmp/r bs=64 count=1 2>/dev/null; echo "rngbytes=$(wc -c < /tmp/r)"
+                ip link set eth0 up && ip addr add {GuestIp}/24 dev eth0
+                ping -c 2 -W 5 {HostIp} >/dev/null && echo ping=ok
+                dd if=/dev/urandom of=/tmp/f bs=1024 count=256 2>/dev/null
+                echo "sum=$(sha256sum /tmp/f | cut -d' ' -f1)"
+                nc {HostIp} 5000 < /tmp/f && echo sent=ok
+                """;
+            using var vm = new KvmSharpProcess([
+                "ip", "netns", "exec", ns, Assets.Binary,
+                "run", "--kernel", Assets.MinimalKernel, "--initrd", Assets.Initrd, "--memory", "256M", "--rng", "--net", $"tap={Tap},mac=52:54:00:aa:bb:01",
+                "--cmdline", $"{Assets.FastCmdline} kvmsharp.run={BootTests.Encode(script)} kvmsharp.exit=poweroff"], fileName: "/usr/bin/env");
+            try
+            {
+                Assert.True(vm.WaitForExit(BootTimeout), "guest did not power off");
+            }
+            finally
+            {
+                output.WriteLine(vm.Stdout);
+                output.WriteLine(vm.Stderr);
+            }
+            string o = vm.Stdout;
+            Assert.Contains("rng=virtio_rng.0", o);
+            Assert.Contains("rngbytes=64", o);
+            Assert.Contains("ping=ok", o);
+            Assert.Contains("sent=ok", o);
+            Assert.True(listener.WaitForExit(60_000), "host listener did not finish");
+            string guestSum = Regex.Match(o, "sum=([0-9a-f]{64})").Groups[1].Value;
+            string hostSum = Convert.ToHexString(System.Security.Cryptography.SHA256.HashData(File.ReadAllBytes(received))).ToLowerInvariant();
+            Assert.Equal(256 * 1024, new FileInfo(received).Length);
+            Assert.Equal(guestSum, hostSum);
+            Assert.Contains("KVMSHARP-END rc=0", o);
+            Assert.Equal(0, vm.ExitCode);
+        }
+        finally
+        {
+            if (listener is { HasExited: false })
+                listener.Kill(entireProcessTree: true);
+            Sh($"ip netns del {ns}", check: false);
+            File.Delete(received);
+        }
+    }
+
+    private static void Sh(string command, bool check = true)
+    {
+        using var p = Process.Start(new ProcessStartInfo("sh", ["-c", command]) { RedirectStandardError = true })!;
+        string err = p.StandardError.ReadToEnd();
+        p.WaitForExit();
+        if (check && p.ExitCode != 0)
+            throw new InvalidOperationException($"'{command}' failed: {err}");
+    }
+}
