@@ -226,4 +226,34 @@ public class ImgCommandTests
         Assert.Single(r.Err.Trim().Split('\n'));
         Assert.Contains(d["bad.qcow2"], r.Err, StringComparison.Ordinal);
     }
+
+    [Fact]
+    public void BenchRunsWithQemuImgFlags()
+    {
+        using var d = new TempDir();
+        Ok("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", d["a.qcow2"], "16M");
+        string w = Ok("bench", "-w", "-c", "2000", "-s", "4096", "-S", "1052672", "-d", "8", "--pattern=7", "--flush-interval=500", d["a.qcow2"]);
+        Assert.Contains("Sending 2000 write requests, 4096 bytes each, 8 in parallel (starting at offset 0, step size 1052672)", w, StringComparison.Ordinal);
+        Assert.Matches(@"Run completed in \d+\.\d{3} seconds\.", w);
+        string r = Ok("bench", "-c", "2000", "-s", "65536", d["a.qcow2"]);
+        Assert.Contains("read requests", r, StringComparison.Ordinal);
+        using var dev = BlockDeviceFactory.Open(d["a.qcow2"], true);
+        var buf = new byte[4096];
+        dev.Read(buf, 1052672);
+        Assert.All(buf, b => Assert.Equal(7, b));
+        Assert.Equal(1, Img("bench", "-t", "none", d["a.qcow2"]).Code);
+        if (Qemu.Run("which", "qemu-img").Code == 0) Assert.Equal(0, Qemu.Check(d["a.qcow2"]).Code);
+    }
+
+    [Fact]
+    public void ConvertReportsProgress()
+    {
+        using var d = new TempDir();
+        File.WriteAllBytes(d["a.raw"], Pattern.Make(5 << 20, 2));
+        string o = Ok("convert", "-p", "-O", "qcow2", d["a.raw"], d["b.qcow2"]);
+        Assert.Contains("(100.00/100%)", o, StringComparison.Ordinal);
+        using var a = BlockDeviceFactory.Open(d["a.raw"], true);
+        using var b = BlockDeviceFactory.Open(d["b.qcow2"], true);
+        Pattern.AssertEqual(Pattern.ReadAll(a), Pattern.ReadAll(b));
+    }
 }
