@@ -110,9 +110,23 @@ if [ "$CHECK" = 1 ]; then
     exit $stale
 fi
 
-[ "$(id -u)" = 0 ] || die "run as root (apt-get install/download; writes $CACHE)"
-[ "$(dpkg --print-architecture)" = amd64 ] || die "amd64 only"
-mkdir -p "$OUT" "$CACHE"/{debs,src,build}
+mkdir -p "$OUT"
+
+# Building (as opposed to copying from the cache) needs root for apt and the cache directory,
+# and one build at a time per cache (the kernel's object tree is shared).
+NEED_ROOT_DONE=0
+need_root() {
+    [ "$NEED_ROOT_DONE" = 1 ] && return 0
+    [ "$(id -u)" = 0 ] || die "building needs root (apt-get install/download; writes $CACHE)"
+    [ "$(dpkg --print-architecture)" = amd64 ] || die "amd64 only"
+    mkdir -p "$CACHE"/{debs,src,build}
+    exec 9> "$CACHE/.lock"
+    if ! flock -n 9; then
+        log "waiting for another guest/build.sh using $CACHE ..."
+        flock 9
+    fi
+    NEED_ROOT_DONE=1
+}
 
 # Copy a finished cache dir's files into out/ and record the key.
 publish() { # what key
@@ -209,6 +223,7 @@ build_initrd() {
     local key dir
     key=$(key_initrd); dir=$CACHE/initrd/$key
     if up_to_date initrd "$key"; then log "initrd: up to date ($key)"; return; fi
+    [ -f "$dir/DONE" ] || need_root      # (then check again: another build may have made it)
     if [ ! -f "$dir/DONE" ]; then
         log "initrd: building $dir from $BUSYBOX_PKG=$BUSYBOX_VERSION"
         command -v cpio >/dev/null || ensure_build_deps
@@ -244,6 +259,7 @@ build_minimal() {
     local key dir src bld t0 t1
     key=$(key_minimal); dir=$CACHE/minimal/$key
     if up_to_date minimal "$key"; then log "minimal: up to date ($key)"; return; fi
+    [ -f "$dir/DONE" ] || need_root      # (then check again: another build may have made it)
     if [ ! -f "$dir/DONE" ]; then
         log "minimal: building kernel $dir from $LINUX_SOURCE_PKG=$LINUX_SOURCE_VERSION"
         ensure_build_deps
@@ -286,6 +302,7 @@ build_distro() {
     local key dir pkg kver mdir root m f name
     key=$(key_distro); dir=$CACHE/distro/$key
     if up_to_date distro "$key"; then log "distro: up to date ($key)"; return; fi
+    [ -f "$dir/DONE" ] || need_root      # (then check again: another build may have made it)
     if [ ! -f "$dir/DONE" ]; then
         log "distro: building $dir from $LINUX_IMAGE_PKG=$LINUX_IMAGE_VERSION (not installed: dpkg -x)"
         command -v depmod >/dev/null && command -v cpio >/dev/null || ensure_build_deps
