@@ -7,7 +7,7 @@
 #
 # Environment: KVMSHARP_CACHE (default /var/cache/kvmsharp), JOBS (default nproc),
 #              NICE (default 10).
-# Needs root (apt-get) on Debian 12 "bookworm" amd64 with its apt sources reachable.
+# Building needs root (apt-get) on Debian 12 "bookworm" amd64 with its apt sources reachable.
 set -euo pipefail
 
 # ---- pins ------------------------------------------------------------------------------
@@ -55,7 +55,7 @@ die()  { printf '[guest/build] ERROR: %s\n' "$*" >&2; exit 1; }
 run()  { log "+ $*"; "$@"; }
 sha()  { sha256sum | cut -c1-16; }
 
-usage() { sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 CHECK=0
 ONLY=()
