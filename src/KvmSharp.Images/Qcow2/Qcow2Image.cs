@@ -261,20 +261,22 @@ public sealed class Qcow2Image : IBlockDevice
     {
         if (ReadOnly) ThrowHelper.Throw(ImageErrorKind.ReadOnly, _path, "image is opened read-only");
         CheckRange(offset, (ulong)data.Length);
-        lock (_lock)
+        // Whole clusters that need fresh allocation are gathered into runs of host-contiguous
+        // clusters and written with one pwrite; their L2 entries are set only after the data is
+        // written (crash safety: no reference to unwritten data). Writes into clusters we own
+        // (COPIED) pwrite outside the lock, counted in _inflight so no cluster is freed under them.
+        ReadOnlySpan<byte> run = default;
+        ulong runHost = 0, runVc = 0;
+        int runCount = 0;
+        while (data.Length > 0)
         {
-            ObjectDisposedException.ThrowIf(_disposed, this);
-            // Whole clusters that need fresh allocation are gathered into runs of host-contiguous
-            // clusters and written with one pwrite; their L2 entries are set only after the data is
-            // written (crash safety: no reference to unwritten data).
-            ReadOnlySpan<byte> run = default;
-            ulong runHost = 0, runVc = 0;
-            int runCount = 0;
-            while (data.Length > 0)
+            int inC = (int)(offset & _cmask);
+            int n = Math.Min(data.Length, _cs - inC);
+            ulong vc = offset >> _cb;
+            ulong direct = 0;
+            lock (_lock)
             {
-                int inC = (int)(offset & _cmask);
-                int n = Math.Min(data.Length, _cs - inC);
-                ulong vc = offset >> _cb;
+                ObjectDisposedException.ThrowIf(_disposed, this);
                 if (n == _cs && NeedsFreshCluster(vc))
                 {
                     ulong nh = AllocateCluster();
@@ -296,13 +298,53 @@ public sealed class Qcow2Image : IBlockDevice
                 {
                     FinishRun(run, runHost, runVc, runCount);
                     runCount = 0;
-                    WriteChunk(data[..n], offset);
+                    direct = PlanInPlaceWrite(vc, inC, n);
+                    if (direct != 0)
+                    {
+                        _inflight++;
+                        ulong end = direct + (ulong)n;
+                        if (end > _physEnd) _physEnd = end; // bookkeeping under the lock, before the write
+                    }
+                    else WriteChunk(data[..n], offset);
                 }
-                data = data[n..];
-                offset += (ulong)n;
             }
-            FinishRun(run, runHost, runVc, runCount);
+            if (direct != 0)
+            {
+                try { RawPWrite(data[..n], direct); }
+                finally { Interlocked.Decrement(ref _inflight); }
+            }
+            data = data[n..];
+            offset += (ulong)n;
         }
+        if (runCount > 0)
+        {
+            lock (_lock) FinishRun(run, runHost, runVc, runCount);
+        }
+    }
+
+    /// <summary>Host offset for writing [inC, inC+n) of cluster <paramref name="vc"/> in place, or 0
+    /// when the write needs the locked path (allocation, copy on write, zero or partial subclusters).</summary>
+    private ulong PlanInPlaceWrite(ulong vc, int inC, int n)
+    {
+        int slot = GetL2ForWrite(vc >> _l2Bits);
+        int ei = (int)(vc & (ulong)(_l2Entries - 1)) * _entrySize;
+        var t = _l2.Span(slot);
+        ulong e = BinaryPrimitives.ReadUInt64BigEndian(t[ei..]);
+        ulong host = e & Qcow2Const.OffsetMask;
+        if ((e & Qcow2Const.CompressedFlag) != 0 || host == 0 || (e & Qcow2Const.CopiedFlag) == 0) return 0;
+        if (_ext ? !SubclustersAllocated(BinaryPrimitives.ReadUInt64BigEndian(t[(ei + 8)..]), inC, n)
+                 : _v3 && (e & Qcow2Const.ZeroFlag) != 0) return 0;
+        CheckDataOffset(host, vc);
+        CheckNotMetadata(host, vc);
+        if (host + (ulong)_cs > _fileEnd)
+            MarkCorruptAndThrow($"L2 entry for cluster {vc} points past the end of the file (0x{host:x})", host);
+        return host + (ulong)inC;
+    }
+
+    private void RawPWrite(ReadOnlySpan<byte> src, ulong offset)
+    {
+        try { RandomAccess.Write(_file, src, (long)offset); }
+        catch (IOException e) { ThrowHelper.Io(_path, "write", e, (long)offset); }
     }
 
     /// <summary>Runs are capped so one pwrite stays moderate (2 MiB or one cluster).</summary>
