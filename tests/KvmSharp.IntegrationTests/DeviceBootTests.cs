@@ -5,7 +5,8 @@ using Xunit;
 namespace KvmSharp.IntegrationTests;
 
 /// <summary>
-/// One boot of guest (a) with PCI devices: virtio-rng gives entropy, virtio-net moves a file over
+/// One boot of guest (a) with PCI devices: a read-write and a read-only virtio-blk disk (ext4 made on
+/// the host with mkfs.ext4 -d, checked afterwards with debugfs and e2fsck), virtio-rng gives entropy, virtio-net moves a file over
 /// TCP to the host end of a TAP in a network namespace made by the test (the host's own network is
 /// never touched), and `poweroff` ends the VM through ACPI with exit code 0.
 /// </summary>
@@ -14,7 +15,7 @@ public class DeviceBootTests(ITestOutputHelper output)
     private static readonly TimeSpan BootTimeout = TimeSpan.FromMinutes(15);
 
     [Fact]
-    public void RngAndNetworkWorkAndPoweroffExitsZero()
+    public void DisksRngAndNetworkWorkAndPoweroffExitsZero()
     {
         Assets.RequireBinary();
         Assets.RequireKvm();
@@ -26,6 +27,12 @@ public class DeviceBootTests(ITestOutputHelper output)
         string ns = $"kvmsharp-it{Environment.ProcessId}";
         const string Tap = "kstap0", HostIp = "172.31.213.1", GuestIp = "172.31.213.2";
         string received = Path.Combine(Path.GetTempPath(), $"{ns}.bin");
+        string work = Directory.CreateTempSubdirectory("kvmsharp-disk").FullName;
+        string rwImage = Path.Combine(work, "rw.ext4"), roImage = Path.Combine(work, "ro.ext4"), content = Path.Combine(work, "content");
+        Directory.CreateDirectory(content);
+        File.WriteAllText(Path.Combine(content, "hello.txt"), "written on the host\n");
+        Sh($"mkfs.ext4 -q -F -d {content} {rwImage} 32M && cp {rwImage} {roImage}");
+        byte[] roBefore = File.ReadAllBytes(roImage);
         Sh($"ip netns add {ns}");
         Process? listener = null;
         try
@@ -44,10 +51,18 @@ public class DeviceBootTests(ITestOutputHelper output)
                 dd if=/dev/urandom of=/tmp/f bs=1024 count=256 2>/dev/null
                 echo "sum=$(sha256sum /tmp/f | cut -d' ' -f1)"
                 nc {HostIp} 5000 < /tmp/f && echo sent=ok
+                echo "serials=$(cat /sys/block/vda/serial)/$(cat /sys/block/vdb/serial) ro=$(cat /sys/block/vdb/ro)"
+                mkdir -p /mnt/rw /mnt/ro && mount -t ext4 /dev/vda /mnt/rw && echo "read=$(cat /mnt/rw/hello.txt)"
+                echo "from the guest" > /mnt/rw/guest.txt && sync && umount /mnt/rw && echo rw=ok
+                mount -t ext4 -o ro /dev/vdb /mnt/ro && echo "roread=$(cat /mnt/ro/hello.txt)"
+                touch /mnt/ro/x 2>/dev/null || echo rowrite=refused
+                dd if=/dev/zero of=/dev/vdb bs=4096 count=1 2>/dev/null || echo rawwrite=refused
+                umount /mnt/ro
                 """;
             using var vm = new KvmSharpProcess([
                 "ip", "netns", "exec", ns, Assets.Binary,
                 "run", "--kernel", Assets.MinimalKernel, "--initrd", Assets.Initrd, "--memory", "256M", "--rng", "--net", $"tap={Tap},mac=52:54:00:aa:bb:01",
+                "--disk", $"{rwImage},id=rootdisk", "--disk", $"{roImage},ro,id=seed",
                 "--cmdline", $"{Assets.FastCmdline} kvmsharp.run={BootTests.Encode(script)} kvmsharp.exit=poweroff"], fileName: "/usr/bin/env");
             try
             {
@@ -68,6 +83,16 @@ public class DeviceBootTests(ITestOutputHelper output)
             string hostSum = Convert.ToHexString(System.Security.Cryptography.SHA256.HashData(File.ReadAllBytes(received))).ToLowerInvariant();
             Assert.Equal(256 * 1024, new FileInfo(received).Length);
             Assert.Equal(guestSum, hostSum);
+            Assert.Contains("serials=rootdisk/seed ro=1", o);
+            Assert.Contains("read=written on the host", o);
+            Assert.Contains("rw=ok", o);
+            Assert.Contains("roread=written on the host", o);
+            Assert.Contains("rowrite=refused", o);
+            Assert.Contains("rawwrite=refused", o);
+            // The host sees the guest's file, and the file system is clean.
+            Assert.Contains("from the guest", ShOut($"debugfs -R 'cat /guest.txt' {rwImage} 2>/dev/null"));
+            Sh($"e2fsck -n -f {rwImage}");
+            Assert.Equal(roBefore, File.ReadAllBytes(roImage));
             Assert.Contains("KVMSHARP-END rc=0", o);
             Assert.Equal(0, vm.ExitCode);
         }
@@ -77,7 +102,16 @@ public class DeviceBootTests(ITestOutputHelper output)
                 listener.Kill(entireProcessTree: true);
             Sh($"ip netns del {ns}", check: false);
             File.Delete(received);
+            Directory.Delete(work, recursive: true);
         }
+    }
+
+    private static string ShOut(string command)
+    {
+        using var p = Process.Start(new ProcessStartInfo("sh", ["-c", command]) { RedirectStandardOutput = true })!;
+        string o = p.StandardOutput.ReadToEnd();
+        p.WaitForExit();
+        return o;
     }
 
     private static void Sh(string command, bool check = true)
