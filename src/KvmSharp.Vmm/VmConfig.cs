@@ -44,6 +44,10 @@ public sealed record VmConfig
     /// <summary>virtio-net devices, each on a TAP interface.</summary>
     public IReadOnlyList<NetConfig> Nets { get; init; } = [];
 
+    /// <summary>Put the virtio devices on virtio-mmio (virtio 1.2 §4.2, announced on the kernel command
+    /// line) instead of virtio-pci.</summary>
+    public bool VirtioMmio { get; init; }
+
     public bool Mergeable { get; init; }
     public bool HugePages { get; init; }
 
@@ -65,8 +69,8 @@ public sealed record VmConfig
         }
         if (BalloonMiB is { } b && b * 1024 * 1024 >= MemoryBytes)
             throw new VmConfigException($"--balloon {b} MiB would take all of the guest's memory.");
-        if (!Acpi && (Rng || Nets.Count > 0 || Disks.Count > 0 || BalloonMiB.HasValue || VirtioConsole))
-            throw new VmConfigException("Virtio devices need PCI, which comes with ACPI: drop --no-acpi.");
+        if (!Acpi && !VirtioMmio && (Rng || Nets.Count > 0 || Disks.Count > 0 || BalloonMiB.HasValue || VirtioConsole))
+            throw new VmConfigException("Virtio-pci devices need PCI, which comes with ACPI: drop --no-acpi or use --transport mmio.");
     }
 }
 
