@@ -194,7 +194,8 @@ public sealed class Vm : IDisposable
         PioBus.Insert(reset.CombineWithPciConfigIo(pci.ConfigIo), PciRoot.ConfigIoBase, PciRoot.ConfigIoLength);
         MmioBus.Insert(pci.Ecam, PlatformLayout.EcamBase, PlatformLayout.EcamSize);
 
-        var msi = new KvmMsiSink(_vmFd);
+        var msi = new KvmMsiRoutes(_vmFd, _diagnostics);
+        _owned.Add(msi);
         if (Config.Rng)
             AddVirtioPci(pci, msi, new VirtioRng());
         for (int i = 0; i < Config.Disks.Count; i++)

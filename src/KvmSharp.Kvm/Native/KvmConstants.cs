@@ -52,6 +52,9 @@ public static class KvmConstants
 
     public const uint KVM_IRQ_ROUTING_IRQCHIP = 1;
     public const uint KVM_IRQ_ROUTING_MSI = 2;
+    public const uint KVM_IRQCHIP_PIC_MASTER = 0;
+    public const uint KVM_IRQCHIP_PIC_SLAVE = 1;
+    public const uint KVM_IRQCHIP_IOAPIC = 2;
 
     public const uint KVM_GUESTDBG_ENABLE = 0x00000001;
     public const uint KVM_GUESTDBG_SINGLESTEP = 0x00000002;
