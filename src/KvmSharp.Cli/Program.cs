@@ -63,6 +63,7 @@ internal static class Program
           --balloon MiB          virtio-balloon, initially taking MiB from the guest
           --console virtio|serial  stdin to virtio-console (hvc0) or the UART (default serial)
           --net tap=NAME[,mac=M] virtio-net on TAP NAME (created if missing; tap= lets the kernel name it)
+          --transport pci|mmio   virtio devices on virtio-pci (default) or virtio-mmio
           --no-acpi              no ACPI tables and no PCI (MP table only)
           --ksm                  mark guest RAM mergeable (KSM page sharing)
           --hugepages            back guest RAM with hugetlbfs pages

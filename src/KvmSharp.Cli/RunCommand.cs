@@ -53,7 +53,7 @@ internal static class RunCommand
         var nets = new List<NetConfig>();
         var disks = new List<DiskConfig>();
         ulong? balloon = null;
-        bool virtioConsole = false;
+        bool virtioConsole = false, virtioMmio = false;
         for (int i = 0; i < args.Length; i++)
         {
             string a = args[i];
@@ -104,6 +104,9 @@ internal static class RunCommand
                         var cv => throw new ArgumentException($"--console takes virtio or serial, not '{cv}'"),
                     };
                     break;
+                case "--transport":
+                    virtioMmio = ParseTransport(Value(), "--transport");
+                    break;
                 case "--hugepages": huge = true; break;
                 default: throw new ArgumentException($"unknown option '{a}' for run (try 'kvmsharp --help')");
             }
@@ -128,10 +131,19 @@ internal static class RunCommand
             Disks = disks,
             BalloonMiB = balloon,
             VirtioConsole = virtioConsole,
+            VirtioMmio = virtioMmio,
             Mergeable = ksm,
             HugePages = huge,
         };
     }
+
+    /// <summary><c>pci</c> or <c>mmio</c>: true when the virtio devices go on virtio-mmio.</summary>
+    internal static bool ParseTransport(string value, string what) => value switch
+    {
+        "pci" => false,
+        "mmio" => true,
+        _ => throw new ArgumentException($"{what} takes pci or mmio, not '{value}'"),
+    };
 
     /// <summary>Parses <c>PATH[,ro][,id=SERIAL][,format=raw|qcow2]</c>.</summary>
     internal static DiskConfig ParseDisk(string text, int index)
