@@ -46,6 +46,10 @@ public sealed class Vm : IDisposable
     private ulong _nextBar = PlatformLayout.Pci32WindowStart;
     private int _nextSlot = 1;
     private VirtioConsole? _virtioConsole;
+    private PciRoot? _pci;
+    private KvmMsiRoutes? _msi;
+    private int _mmioDevices;
+    private string _mmioCommandLine = "";
     private int _consoleOutFd = 1;
 
     private Vm(VmConfig config, KvmSystem kvm, KvmVm vmFd, GuestMemory memory, TextWriter diagnostics)
@@ -143,8 +147,10 @@ public sealed class Vm : IDisposable
             PioBus.Insert(new DebugExit(v => RequestStop(VmExit.Of(VmExitKind.DebugExit, $"guest wrote 0x{v:x} to the debug-exit port", v))), 0xF4, 1);
 
         ulong? rsdp = Config.Acpi ? BuildPlatform() : null;
+        AddVirtioDevices();
 
-        EffectiveCommandLine = IsPvm ? PvmCompat.AdjustCommandLine(Config.CommandLine) : Config.CommandLine;
+        string commandLine = Config.CommandLine + _mmioCommandLine;
+        EffectiveCommandLine = IsPvm ? PvmCompat.AdjustCommandLine(commandLine) : commandLine;
         Boot = LinuxLoader.Load(Memory, kernel, new BootOptions
         {
             CommandLine = EffectiveCommandLine,
@@ -176,8 +182,8 @@ public sealed class Vm : IDisposable
     }
 
     /// <summary>
-    /// ACPI tables, the ACPI PM and reset registers, the PCI host bridge (mechanism #1 and ECAM) and
-    /// the virtio-pci devices, with their queue kicks on ioeventfds served by the I/O thread.
+    /// ACPI tables, the ACPI PM and reset registers and the PCI host bridge (mechanism #1 and ECAM),
+    /// whose virtio-pci devices get their queue kicks on ioeventfds served by the I/O thread.
     /// Returns the RSDP address for the zero page.
     /// </summary>
     private ulong BuildPlatform()
@@ -187,45 +193,81 @@ public sealed class Vm : IDisposable
             PlatformLayout.Pm1aEventBlock, PlatformLayout.AcpiPmPortCount);
         var reset = new ResetControl(() => RequestStop(VmExit.Of(VmExitKind.GuestReboot, "guest reset through the ACPI reset register")));
 
-        _eventLoop = new EventLoop { OnError = e => RequestStop(VmExit.Of(VmExitKind.VmmError, $"I/O thread: {e.Message}")) };
-        var notifier = new VirtioNotifier(_vmFd, _eventLoop, _diagnostics);
+        var notifier = new VirtioNotifier(_vmFd, EventLoop, _diagnostics);
         _owned.Add(notifier);
         var pci = new PciRoot(MmioBus, PioBus, notifier);
         PioBus.Insert(reset.CombineWithPciConfigIo(pci.ConfigIo), PciRoot.ConfigIoBase, PciRoot.ConfigIoLength);
         MmioBus.Insert(pci.Ecam, PlatformLayout.EcamBase, PlatformLayout.EcamSize);
 
-        var msi = new KvmMsiRoutes(_vmFd, _diagnostics);
-        _owned.Add(msi);
+        _pci = pci;
+        _msi = new KvmMsiRoutes(_vmFd, _diagnostics);
+        _owned.Add(_msi);
+        return rsdp;
+    }
+
+    /// <summary>The virtio devices of the config, on virtio-pci or (opt-in) virtio-mmio.</summary>
+    private void AddVirtioDevices()
+    {
         if (Config.Rng)
-            AddVirtioPci(pci, msi, new VirtioRng());
+            AddVirtio(new VirtioRng());
         for (int i = 0; i < Config.Disks.Count; i++)
         {
             var d = Config.Disks[i];
             var image = KvmSharp.Images.BlockDeviceFactory.Open(d.Path, d.ReadOnly, d.Format);
             _owned.Add(image);
-            AddVirtioPci(pci, msi, new VirtioBlock(image, d.Serial, d.ReadOnly, log: _log));
+            AddVirtio(new VirtioBlock(image, d.Serial, d.ReadOnly, log: _log));
         }
         if (Config.BalloonMiB is { } balloonMiB)
         {
             Balloon = new VirtioBalloon(log: _log);
             Balloon.SetTargetPages(checked((uint)(balloonMiB * 256)));
-            AddVirtioPci(pci, msi, Balloon);
+            AddVirtio(Balloon);
         }
         if (Config.VirtioConsole)
         {
             _virtioConsole = new VirtioConsole(new ConsoleOutput(_consoleOutFd, _panic), log: _log);
-            AddVirtioPci(pci, msi, _virtioConsole);
+            AddVirtio(_virtioConsole);
         }
         foreach (var n in Config.Nets)
         {
             var tap = TapNetBackend.Open(n.Tap);
             _owned.Add(tap);
             var net = new VirtioNet(tap, n.Mac, log: _log);
-            AddVirtioPci(pci, msi, net);
-            _eventLoop.Add(tap.Fd, Libc.EPOLLIN | EpollEdgeTriggered, new NetPump(net));
+            AddVirtio(net);
+            EventLoop.Add(tap.Fd, Libc.EPOLLIN | EpollEdgeTriggered, new NetPump(net));
             _diagnostics.WriteLine($"kvmsharp: virtio-net on TAP {tap.InterfaceName}, MAC {Convert.ToHexString(n.Mac).ToLowerInvariant()}");
         }
-        return rsdp;
+    }
+
+    private EventLoop EventLoop => _eventLoop ??= new EventLoop { OnError = e => RequestStop(VmExit.Of(VmExitKind.VmmError, $"I/O thread: {e.Message}")) };
+
+    private void AddVirtio(IVirtioDevice device)
+    {
+        if (Config.VirtioMmio)
+            AddVirtioMmio(device);
+        else
+            AddVirtioPci(_pci!, _msi!, device);
+    }
+
+    /// <summary>
+    /// A virtio-mmio device: 4 KiB at the next slot above <see cref="PlatformLayout.VirtioMmioBase"/>,
+    /// its own ISA IRQ as an irqfd edge, announced with virtio_mmio.device= (virtio 1.2 §4.2;
+    /// Linux's VIRTIO_MMIO_CMDLINE_DEVICES).
+    /// </summary>
+    private void AddVirtioMmio(IVirtioDevice device)
+    {
+        var irqs = PlatformLayout.VirtioMmioIrqs;
+        if (_mmioDevices >= irqs.Length)
+            throw new VmConfigException($"At most {irqs.Length} virtio-mmio devices fit this platform's free IRQs.");
+        ulong address = PlatformLayout.VirtioMmioBase + (ulong)_mmioDevices * VirtioMmioTransport.RegionSize;
+        uint gsi = irqs[_mmioDevices++];
+        var irq = new IrqfdLine(Libc.EventFd(), gsi);
+        _owned.Add(irq);
+        _vmFd.RegisterIrqfd(irq.Fd, gsi);
+        var transport = new VirtioMmioTransport(device, Memory, irq);
+        MmioBus.Insert(transport, address, VirtioMmioTransport.RegionSize);
+        _owned.Add(new VirtioMmioKicks(_vmFd, EventLoop, transport, address, _diagnostics));
+        _mmioCommandLine += $" virtio_mmio.device=4K@0x{address:x}:{gsi}";
     }
 
     private void AddVirtioPci(PciRoot pci, IMsiSink msi, IVirtioDevice device)

@@ -60,6 +60,19 @@ public static class PlatformLayout
     /// <summary>The ACPI system control interrupt: ISA IRQ 9, level-triggered, on GSI 9.</summary>
     public const int SciIrq = 9;
 
+    /// <summary>
+    /// virtio-mmio devices (when chosen instead of virtio-pci): 4 KiB each from here, above ECAM and
+    /// outside the PCI window the DSDT hands to the PCI host bridge.
+    /// </summary>
+    public const ulong VirtioMmioBase = 0xE100_0000;
+
+    /// <summary>
+    /// The ISA IRQs virtio-mmio devices use, one each, edge-triggered: those no device of this
+    /// platform claims (0 timer, 1 keyboard, 2 cascade, 3/4 UARTs, 8 RTC, 9 SCI stay out). Linux
+    /// treats IRQs below 16 as ISA, active-high edge, with or without ACPI.
+    /// </summary>
+    public static ReadOnlySpan<byte> VirtioMmioIrqs => [5, 6, 7, 10, 11, 12, 14, 15];
+
     /// <summary>PM1a event block (PM1_STS, PM1_EN: 2 bytes each) and control block (PM1_CNT, 2 bytes), system I/O.</summary>
     public const ushort Pm1aEventBlock = 0x600;
     public const byte Pm1EventLength = 4;
