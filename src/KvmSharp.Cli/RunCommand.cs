@@ -74,7 +74,7 @@ internal static class RunCommand
                         throw new ArgumentException($"--cpus must be a number from 1 to {VmConfig.MaxVcpus}, not '{c}'");
                     break;
                 case "--memory": memory = ParseSize(Value(), "--memory"); break;
-                case "--cpu-template": template = Value(); break;
+                case "--cpu-template": template = CheckCpuTemplate(Value(), "--cpu-template"); break;
                 case "--kernel-decompress": kernelDecompress = true; break;
                 case "--pvh": pvh = true; break;
                 case "--pvm":
@@ -135,6 +135,21 @@ internal static class RunCommand
             Mergeable = ksm,
             HugePages = huge,
         };
+    }
+
+    /// <summary>Checks a CPU template here, so a bad one is a usage error (2) with one line rather than
+    /// a failure inside <see cref="Vm.Create"/>.</summary>
+    internal static string CheckCpuTemplate(string text, string what)
+    {
+        try
+        {
+            CpuTemplate.Parse(text);
+            return text;
+        }
+        catch (FormatException e)
+        {
+            throw new ArgumentException($"{what}: {e.Message}", e);
+        }
     }
 
     /// <summary><c>pci</c> or <c>mmio</c>: true when the virtio devices go on virtio-mmio.</summary>
