@@ -16,6 +16,7 @@ public static unsafe partial class Libc
     public const int MADV_FREE = 8;
     public const int MADV_MERGEABLE = 12;
     public const int MADV_HUGEPAGE = 14;
+    public const int MADV_POPULATE_WRITE = 23;
     public static readonly nint MAP_FAILED = -1;
 
     [LibraryImport(LibraryName, EntryPoint = "mmap", SetLastError = true)]

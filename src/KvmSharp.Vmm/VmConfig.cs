@@ -51,6 +51,9 @@ public sealed record VmConfig
     public bool Mergeable { get; init; }
     public bool HugePages { get; init; }
 
+    /// <summary>Populate guest RAM before the guest starts (see GuestMemoryOptions.Prefault).</summary>
+    public bool Prefault { get; init; }
+
     /// <summary>Throws <see cref="VmConfigException"/> with one clear sentence when the config cannot work.</summary>
     public void Validate()
     {

@@ -90,6 +90,31 @@ public sealed class GuestMemoryTests : IDisposable
         Assert.True(mem.TryDiscard(new GuestAddress(0x80000), 0x1000));
         Assert.Equal(0UL, mem.Read<ulong>(new GuestAddress(0x80000)));
     }
+
+    [Fact]
+    public void PrefaultMakesAllOfRamResidentAndDiscardReleasesIt()
+    {
+        const ulong Size = 64UL << 20;
+        long before = RssAnonKiB();
+        using (GuestMemory.CreateAnonymous([(new GuestAddress(0), Size)]))
+            Assert.InRange(RssAnonKiB() - before, long.MinValue, 8 * 1024); // lazily mapped
+        before = RssAnonKiB();
+        using var mem = GuestMemory.CreateAnonymous([(new GuestAddress(0), Size)], new GuestMemoryOptions { Prefault = true });
+        long populated = RssAnonKiB();
+        Assert.InRange(populated - before, 60 * 1024, long.MaxValue);
+        Assert.True(mem.TryDiscard(new GuestAddress(0), Size / 2));
+        Assert.InRange(populated - RssAnonKiB(), 28 * 1024, long.MaxValue);
+    }
+
+    private static long RssAnonKiB()
+    {
+        foreach (string line in File.ReadLines("/proc/self/status"))
+        {
+            if (line.StartsWith("RssAnon:", StringComparison.Ordinal))
+                return long.Parse(line.AsSpan(8).Trim().TrimEnd("kB").Trim(), System.Globalization.CultureInfo.InvariantCulture);
+        }
+        throw new InvalidOperationException("no RssAnon in /proc/self/status");
+    }
 }
 
 public class MemoryLayoutTests
