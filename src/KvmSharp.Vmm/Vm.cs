@@ -94,7 +94,7 @@ public sealed class Vm : IDisposable
         {
             vmFd = kvm.CreateVm();
             memory = GuestMemory.CreateAnonymous(MemoryLayout.RamRanges(config.MemoryBytes),
-                new GuestMemoryOptions { Mergeable = config.Mergeable, HugePages = config.HugePages });
+                new GuestMemoryOptions { Mergeable = config.Mergeable, HugePages = config.HugePages, Prefault = config.Prefault });
             bool pvm = config.PvmCompat ?? KvmSystem.IsPvmHost;
             var vm = new Vm(config, kvm, vmFd, memory, diagnostics) { IsPvm = pvm };
             try
@@ -219,7 +219,9 @@ public sealed class Vm : IDisposable
         }
         if (Config.BalloonMiB is { } balloonMiB)
         {
-            Balloon = new VirtioBalloon(log: _log);
+            // No DEFLATE_ON_OOM (as Firecracker's default): inflated pages leave the guest's MemTotal, so
+            // the guest sees the size the host chose, and it cannot take them back behind the host's back.
+            Balloon = new VirtioBalloon(deflateOnOom: false, log: _log);
             Balloon.SetTargetPages(checked((uint)(balloonMiB * 256)));
             AddVirtio(Balloon);
         }
