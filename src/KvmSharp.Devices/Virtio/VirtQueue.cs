@@ -33,7 +33,8 @@ public enum PopResult
 /// The device side of a split virtqueue (virtio 1.2 §2.7): the descriptor table, the available
 /// ring (driver area) and the used ring (device area) in guest memory, plus the device's private
 /// indices. Configured by a transport (queue size, ring addresses, ready), then driven by one
-/// device thread: <see cref="TryPop"/>, <see cref="TryAddUsed"/>, <see cref="NeedsNotification"/>.
+/// device thread: <see cref="TryPop"/>, <see cref="TryAddUsed"/> (or <see cref="TryWriteUsed"/>
+/// several times, then <see cref="TryPublishUsed"/>), <see cref="NeedsNotification"/>.
 /// </summary>
 /// <remarks>
 /// <para>Not thread-safe: one thread (the I/O thread, or a vCPU for a synchronous device) owns a
@@ -89,6 +90,7 @@ public sealed class VirtQueue
 
     private ushort _signalledUsed;
     private bool _signalledUsedValid;
+    private int _unpublishedUsed;
 
     /// <summary>Creates a queue that offers at most <paramref name="maxSize"/> entries.</summary>
     /// <exception cref="ArgumentOutOfRangeException"><paramref name="maxSize"/> is not a power of
@@ -141,6 +143,7 @@ public sealed class VirtQueue
         NextUsed = 0;
         _signalledUsed = 0;
         _signalledUsedValid = false;
+        _unpublishedUsed = 0;
     }
 
     private ulong AvailableRingSize => RingHeaderSize + AvailableElementSize * Size + 2; // + used_event
@@ -264,27 +267,70 @@ public sealed class VirtQueue
     /// <summary>
     /// Returns a chain to the driver: writes the used element (id = <paramref name="head"/>,
     /// len = bytes the device wrote) and publishes it by advancing used.idx (virtio 1.2 §2.7.8).
+    /// Same as <see cref="TryWriteUsed"/> then <see cref="TryPublishUsed"/>.
     /// </summary>
     /// <returns>False when the used ring is no longer in RAM (the queue is broken).</returns>
-    public bool TryAddUsed(GuestMemory memory, ushort head, uint length)
+    public bool TryAddUsed(GuestMemory memory, ushort head, uint length) =>
+        TryWriteUsed(memory, head, length) && TryPublishUsed(memory);
+
+    /// <summary>Used elements written by <see cref="TryWriteUsed"/> and not yet published.</summary>
+    public int UnpublishedUsed => _unpublishedUsed;
+
+    /// <summary>
+    /// Writes a used element into the next free used-ring slot without advancing used.idx, so the
+    /// driver cannot see it yet (Linux vhost <c>vhost_add_used_n</c>). Call
+    /// <see cref="TryPublishUsed"/> to make every element written so far visible at once: a
+    /// virtio-net frame spread over several buffers (VIRTIO_NET_F_MRG_RXBUF, virtio 1.2
+    /// §5.1.6.4) must appear whole, because the driver reads num_buffers from the first buffer
+    /// and then expects that many used entries to be there.
+    /// </summary>
+    /// <returns>False when the used ring is no longer in RAM, or when <see cref="Size"/> elements
+    /// are already unpublished: an honest driver cannot have more chains outstanding than it has
+    /// descriptors, and one more would overwrite an unpublished slot. Treat both as a broken queue.</returns>
+    public bool TryWriteUsed(GuestMemory memory, ushort head, uint length)
     {
         ArgumentNullException.ThrowIfNull(memory);
-        ulong slot = (ulong)(NextUsed % Size);
+        if (_unpublishedUsed >= Size)
+            return false;
+        ulong slot = (ulong)((ushort)(NextUsed + _unpublishedUsed) % Size);
         var element = new virtq_used_elem { id = head, len = length };
         if (!memory.TryWrite(new GuestAddress(UsedRing.Value + RingHeaderSize + UsedElementSize * slot), element))
             return false;
-        ushort next = (ushort)(NextUsed + 1);
-        // Release: the element is visible before the index that publishes it.
-        if (!memory.TryWriteVolatileUInt16(UsedIndexAddress, next))
-            return false;
-        NextUsed = next;
+        _unpublishedUsed++;
         return true;
     }
 
     /// <summary>
-    /// Whether the driver wants an interrupt for the used entries added since the last call that
-    /// returned true (virtio 1.2 §2.7.10): with EVENT_IDX, when used.idx passed used_event;
-    /// otherwise unless the driver set VIRTQ_AVAIL_F_NO_INTERRUPT.
+    /// Publishes every element written by <see cref="TryWriteUsed"/> with one store to used.idx
+    /// (virtio 1.2 §2.7.8). A no-op when there are none.
+    /// </summary>
+    /// <returns>False when the used ring is no longer in RAM (the queue is broken).</returns>
+    public bool TryPublishUsed(GuestMemory memory)
+    {
+        ArgumentNullException.ThrowIfNull(memory);
+        if (_unpublishedUsed == 0)
+            return true;
+        ushort old = NextUsed;
+        ushort next = (ushort)(old + _unpublishedUsed);
+        // Release: the elements are visible before the index that publishes them.
+        if (!memory.TryWriteVolatileUInt16(UsedIndexAddress, next))
+            return false;
+        NextUsed = next;
+        _unpublishedUsed = 0;
+        // Linux vhost_add_used_n: if used.idx went all the way round since the last interrupt,
+        // the index we remembered now lies inside this batch and vring_need_event would compare
+        // against a stale value (and could suppress a needed interrupt): treat it as unknown.
+        if ((ushort)(next - _signalledUsed) < (ushort)(next - old))
+            _signalledUsedValid = false;
+        return true;
+    }
+
+    /// <summary>
+    /// Whether the driver wants an interrupt for the used entries published since the previous
+    /// call (virtio 1.2 §2.7.10): with EVENT_IDX, when used_event lies in [old, new) for the
+    /// used.idx values old (at the previous call) and new (now), so a batch that jumps over
+    /// used_event still interrupts; otherwise unless the driver set VIRTQ_AVAIL_F_NO_INTERRUPT.
+    /// Unpublished elements (<see cref="TryWriteUsed"/>) do not count.
     /// </summary>
     public bool NeedsNotification(GuestMemory memory)
     {

@@ -650,17 +650,28 @@ public sealed class VirtioNet : IVirtioDevice
         return false;
     }
 
-    /// <summary>Returns the current frame's chains, then the bad ones met meanwhile.</summary>
+    /// <summary>
+    /// Returns the current frame's chains, then the bad ones met meanwhile, with one used.idx
+    /// store (virtio 1.2 §2.7.8): published one by one, the driver could see the first buffer,
+    /// whose num_buffers counts the rest (§5.1.6.4), before the rest are in the used ring, and
+    /// Linux's receive_mergeable then drops the frame ("rx error: %d buffers out of %d missing").
+    /// </summary>
     private bool FlushUsed(VirtQueue queue, GuestMemory memory, ref bool used)
     {
         bool ok = true;
+        used |= _rxUsedCount + _rxDeferredBadCount != 0;
         for (int i = 0; i < _rxUsedCount && ok; i++)
-            ok = AddUsed(queue, memory, _rxUsed[i].Head, _rxUsed[i].Length, ref used);
+            ok = queue.TryWriteUsed(memory, _rxUsed[i].Head, _rxUsed[i].Length);
         for (int i = 0; i < _rxDeferredBadCount && ok; i++)
-            ok = AddUsed(queue, memory, _rxDeferredBad[i], 0, ref used);
+            ok = queue.TryWriteUsed(memory, _rxDeferredBad[i], 0);
         _rxUsedCount = 0;
         _rxDeferredBadCount = 0;
-        return ok;
+        if (!ok || !queue.TryPublishUsed(memory))
+        {
+            MarkBroken(ref _rxBroken, "receive");
+            return false;
+        }
+        return true;
     }
 
     private bool AddUsed(VirtQueue queue, GuestMemory memory, ushort head, uint length, ref bool used)

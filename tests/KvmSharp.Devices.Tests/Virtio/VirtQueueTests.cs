@@ -341,6 +341,92 @@ public sealed class VirtQueueTests : IDisposable
     }
 
     [Fact]
+    public void WriteUsed_IsInvisibleUntilPublished_ThenAllAppearInOneStore()
+    {
+        var d = new MockDriver(_memory, size: 4);
+        // Start at used.idx 3 so the batch wraps round the ring's slots.
+        for (ushort i = 0; i < 3; i++)
+            Assert.True(d.Queue.TryAddUsed(_memory, i, 1));
+        Assert.Equal(3, d.UsedIdx);
+
+        Assert.True(d.Queue.TryWriteUsed(_memory, 7, 100));
+        Assert.Equal(3, d.UsedIdx); // the driver must not see a partial batch
+        Assert.True(d.Queue.TryWriteUsed(_memory, 8, 200));
+        Assert.True(d.Queue.TryWriteUsed(_memory, 9, 300));
+        Assert.Equal(3, d.UsedIdx);
+        Assert.Equal(3, d.Queue.NextUsed);
+        Assert.Equal(3, d.Queue.UnpublishedUsed);
+        // The elements are already in their slots (3, 0, 1), ahead of used.idx.
+        Assert.Equal((7u, 100u), d.Used(3));
+        Assert.Equal((8u, 200u), d.Used(4));
+        Assert.Equal((9u, 300u), d.Used(5));
+
+        Assert.True(d.Queue.TryPublishUsed(_memory));
+        Assert.Equal(6, d.UsedIdx);
+        Assert.Equal(6, d.Queue.NextUsed);
+        Assert.Equal(0, d.Queue.UnpublishedUsed);
+        Assert.True(d.Queue.TryPublishUsed(_memory)); // nothing to publish: no change
+        Assert.Equal(6, d.UsedIdx);
+    }
+
+    [Fact]
+    public void WriteUsed_RefusesMoreThanAQueueSizeUnpublished()
+    {
+        var d = new MockDriver(_memory, size: 4);
+        for (ushort i = 0; i < 4; i++)
+            Assert.True(d.Queue.TryWriteUsed(_memory, i, 0));
+        // A fifth would overwrite slot 0 before the driver saw it: only a driver that reused
+        // descriptors it had not got back gets here.
+        Assert.False(d.Queue.TryWriteUsed(_memory, 4, 0));
+        Assert.Equal((0u, 0u), d.Used(0));
+        Assert.True(d.Queue.TryPublishUsed(_memory));
+        Assert.Equal(4, d.UsedIdx);
+        Assert.True(d.Queue.TryWriteUsed(_memory, 4, 0));
+        d.Queue.Reset();
+        Assert.Equal(0, d.Queue.UnpublishedUsed);
+    }
+
+    [Fact]
+    public void Notification_WithEventIdx_IsDecidedOverTheWholeBatch()
+    {
+        var d = new MockDriver(_memory);
+        d.Queue.EventIndex = true;
+        d.Queue.TryAddUsed(_memory, 0, 0);
+        Assert.True(d.Queue.NeedsNotification(_memory)); // first time: always; old = 1
+        d.SetUsedEvent(2); // interrupt when entry 2 is used: used.idx passes 2 -> 3
+        for (ushort i = 0; i < 3; i++)
+            Assert.True(d.Queue.TryWriteUsed(_memory, i, 0));
+        Assert.True(d.Queue.TryPublishUsed(_memory));    // used.idx 1 -> 4 in one step, over 2
+        Assert.True(d.Queue.NeedsNotification(_memory)); // vring_need_event(2, new 4, old 1)
+        for (ushort i = 0; i < 2; i++)
+            Assert.True(d.Queue.TryWriteUsed(_memory, i, 0));
+        Assert.True(d.Queue.TryPublishUsed(_memory));    // 4 -> 6: used_event 2 is behind
+        Assert.False(d.Queue.NeedsNotification(_memory));
+    }
+
+    [Fact]
+    public void Notification_WithEventIdx_AfterUsedIdxWentAllTheWayRound_Interrupts()
+    {
+        var d = new MockDriver(_memory, size: 4);
+        d.Queue.EventIndex = true;
+        d.Queue.TryAddUsed(_memory, 0, 0);
+        Assert.True(d.Queue.NeedsNotification(_memory)); // remembered: used.idx 1
+        // 65536 entries without asking (and so without signalling): used.idx is 1 again, and
+        // vring_need_event against the remembered 1 would see "nothing new" whatever used_event is.
+        for (int i = 0; i < 65536 / 4; i++)
+        {
+            for (ushort j = 0; j < 4; j++)
+                Assert.True(d.Queue.TryWriteUsed(_memory, j, 0));
+            Assert.True(d.Queue.TryPublishUsed(_memory));
+        }
+        Assert.Equal(1, d.UsedIdx);
+        d.SetUsedEvent(0);
+        Assert.True(d.Queue.NeedsNotification(_memory)); // the driver has 65536 unseen entries
+        d.Queue.TryAddUsed(_memory, 0, 0);                // 2: used_event 0 is behind again
+        Assert.False(d.Queue.NeedsNotification(_memory));
+    }
+
+    [Fact]
     public void EnableDisableNotification_WriteTheDeviceArea()
     {
         var d = new MockDriver(_memory);
