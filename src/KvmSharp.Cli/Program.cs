@@ -44,6 +44,7 @@ internal static class Program
 
         Usage:
           kvmsharp run --kernel FILE [options]   boot a Linux kernel, serial console on this terminal
+          kvmsharp run --config FILE             the same from a JSON file (Firecracker's config shape)
           kvmsharp img COMMAND [args]            create, inspect, check and convert disk images (qemu-img syntax)
           kvmsharp --version | --help
 
@@ -67,6 +68,12 @@ internal static class Program
           --no-acpi              no ACPI tables and no PCI (MP table only)
           --ksm                  mark guest RAM mergeable (KSM page sharing)
           --hugepages            back guest RAM with hugetlbfs pages
+          --prefault             populate all guest RAM before the guest starts
+
+        run --config FILE: sections boot-source, drives, network-interfaces, machine-config, balloon,
+          entropy (as Firecracker's --config-file) and kvmsharp {console, transport, acpi, cpu_template,
+          debug_exit, pvh, pvm, kernel_decompress, ksm}. Relative paths are relative to the file.
+          No other option may be given with --config.
 
         Console: raw mode on a terminal; Ctrl-A x quits, Ctrl-A Ctrl-A sends Ctrl-A.
 

@@ -13,11 +13,15 @@ internal static class RunCommand
         VmConfig config;
         try
         {
-            config = Parse(args);
+            config = args.Contains("--config") ? LoadConfigFile(args) : Parse(args);
         }
         catch (ArgumentException e)
         {
             return Program.Fail(e.Message, 2);
+        }
+        catch (VmConfigException e)
+        {
+            return Program.Fail(e.Message, 1);
         }
 
         Vm vm;
@@ -43,12 +47,25 @@ internal static class RunCommand
         }
     }
 
+    /// <summary><c>run --config FILE</c>. The file is the whole description: mixing it with other
+    /// options is refused rather than merged, so what runs is exactly what the file says.</summary>
+    private static VmConfig LoadConfigFile(string[] args)
+    {
+        if (args is not ["--config", var file])
+        {
+            if (args[^1] == "--config")
+                throw new ArgumentException("option --config needs a value");
+            throw new ArgumentException("--config FILE cannot be combined with other run options: put everything in the file");
+        }
+        return ConfigFile.Load(file);
+    }
+
     internal static VmConfig Parse(string[] args)
     {
         string? kernel = null, initrd = null, cmdline = null, template = null;
         int cpus = 1;
         ulong memory = 256UL << 20;
-        bool kernelDecompress = false, pvh = false, debugExit = false, ksm = false, huge = false, acpi = true, rng = false;
+        bool kernelDecompress = false, pvh = false, debugExit = false, ksm = false, huge = false, prefault = false, acpi = true, rng = false;
         bool? pvm = null;
         var nets = new List<NetConfig>();
         var disks = new List<DiskConfig>();
@@ -108,6 +125,7 @@ internal static class RunCommand
                     virtioMmio = ParseTransport(Value(), "--transport");
                     break;
                 case "--hugepages": huge = true; break;
+                case "--prefault": prefault = true; break;
                 default: throw new ArgumentException($"unknown option '{a}' for run (try 'kvmsharp --help')");
             }
         }
@@ -134,6 +152,7 @@ internal static class RunCommand
             VirtioMmio = virtioMmio,
             Mergeable = ksm,
             HugePages = huge,
+            Prefault = prefault,
         };
     }
 
@@ -187,8 +206,7 @@ internal static class RunCommand
     internal static NetConfig ParseNet(string text, int index)
     {
         string? tap = null;
-        // Locally administered, unicast; the index keeps several NICs of one VM apart.
-        byte[] mac = [0x52, 0x54, 0x00, (byte)Random.Shared.Next(256), (byte)Random.Shared.Next(256), (byte)index];
+        byte[] mac = DefaultMac(index);
         foreach (var part in text.Split(',', StringSplitOptions.RemoveEmptyEntries))
         {
             var kv = part.Split('=', 2);
@@ -196,22 +214,42 @@ internal static class RunCommand
             {
                 case "tap" when kv.Length == 2:
                     tap = kv[1].Length == 0 ? null : kv[1];
-                    if (tap is { Length: > 15 })
-                        throw new ArgumentException($"--net: TAP name '{tap}' is longer than 15 characters");
+                    if (tap is { Length: > MaxTapName })
+                        throw new ArgumentException($"--net: TAP name '{tap}' is longer than {MaxTapName} characters");
                     break;
                 case "mac" when kv.Length == 2:
-                    var bytes = kv[1].Split(':');
-                    if (bytes.Length != 6 || !bytes.All(b => b.Length == 2 && byte.TryParse(b, NumberStyles.HexNumber, CultureInfo.InvariantCulture, out _)))
-                        throw new ArgumentException($"--net: '{kv[1]}' is not a MAC address like 52:54:00:12:34:56");
-                    mac = bytes.Select(b => byte.Parse(b, NumberStyles.HexNumber, CultureInfo.InvariantCulture)).ToArray();
-                    if ((mac[0] & 1) != 0)
-                        throw new ArgumentException($"--net: {kv[1]} is a multicast address; a NIC needs a unicast one");
+                    mac = ParseMac(kv[1], "--net");
                     break;
                 default:
                     throw new ArgumentException($"--net: unknown setting '{part}' (use tap=NAME,mac=XX:XX:XX:XX:XX:XX)");
             }
         }
         return new NetConfig(tap, mac);
+    }
+
+    /// <summary>IFNAMSIZ (16) less the terminating NUL.</summary>
+    internal const int MaxTapName = 15;
+
+    /// <summary>Locally administered, unicast; the index keeps several NICs of one VM apart.</summary>
+    internal static byte[] DefaultMac(int index) =>
+        [0x52, 0x54, 0x00, (byte)Random.Shared.Next(256), (byte)Random.Shared.Next(256), (byte)index];
+
+    /// <summary>Parses <c>52:54:00:12:34:56</c> (either case); a multicast address is refused.
+    /// <paramref name="what"/> starts the error message (the option or the JSON path).</summary>
+    internal static byte[] ParseMac(string text, string what)
+    {
+        var bytes = text.Split(':');
+        var mac = new byte[6];
+        if (bytes.Length != 6)
+            throw new ArgumentException($"{what}: '{text}' is not a MAC address like 52:54:00:12:34:56");
+        for (int i = 0; i < 6; i++)
+        {
+            if (bytes[i].Length != 2 || !byte.TryParse(bytes[i], NumberStyles.AllowHexSpecifier, CultureInfo.InvariantCulture, out mac[i]))
+                throw new ArgumentException($"{what}: '{text}' is not a MAC address like 52:54:00:12:34:56");
+        }
+        if ((mac[0] & 1) != 0)
+            throw new ArgumentException($"{what}: {text} is a multicast address; a NIC needs a unicast one");
+        return mac;
     }
 
     /// <summary>Parses 512M, 5G, 1T, 4096 (bytes), 64K; binary units like QEMU's -m.</summary>
