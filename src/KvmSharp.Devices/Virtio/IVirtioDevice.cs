@@ -108,6 +108,14 @@ public interface IVirtioDevice
     /// queues and guest memory before returning, and forget the negotiated state.</summary>
     void Reset();
 
+    /// <summary>
+    /// True after the device stopped on a ring no honest driver produces (virtio 1.2 §2.1.2);
+    /// cleared by <see cref="Reset"/>. While it is set the transport shows DEVICE_NEEDS_RESET in
+    /// the device status; the device signals <see cref="VirtioInterruptType.Config"/> when it sets
+    /// it, as §2.1.2 requires once DRIVER_OK is set.
+    /// </summary>
+    bool Broken => false;
+
     /// <summary>The driver notified queue <paramref name="queueIndex"/> through the transport's
     /// notify register (no ioeventfd was registered). Must not block: wake the worker.</summary>
     void QueueNotify(int queueIndex);

@@ -476,10 +476,13 @@ public sealed class VirtioBalloon : IVirtioDevice
         Interlocked.Increment(ref _statsUpdates);
     }
 
+    /// <summary>Stops the device until reset and tells the driver: the transport now shows
+    /// DEVICE_NEEDS_RESET, which needs a configuration change notification (virtio 1.2 §2.1.2).</summary>
     private void MarkBroken()
     {
         _broken = true;
         _log?.Write("virtio-balloon: impossible ring state, device stopped until reset");
+        _interrupt?.Signal(VirtioInterruptType.Config, 0);
     }
 
     private void CountBadChain()

@@ -306,8 +306,7 @@ public sealed class VirtioBlock : IVirtioDevice
                 {
                     if (result == PopResult.BrokenRing)
                     {
-                        Broken = true;
-                        _log?.Write("virtio-blk: impossible ring state, device stopped until reset");
+                        MarkBroken(interrupt);
                         break;
                     }
                     uint written = 0;
@@ -322,7 +321,7 @@ public sealed class VirtioBlock : IVirtioDevice
                     }
                     if (!queue.TryAddUsed(memory, _chain.Head, written))
                     {
-                        Broken = true;
+                        MarkBroken(interrupt);
                         break;
                     }
                     used = true;
@@ -333,6 +332,15 @@ public sealed class VirtioBlock : IVirtioDevice
             if (used && queue.NeedsNotification(memory))
                 interrupt.Signal(VirtioInterruptType.Queue, queueIndex);
         }
+    }
+
+    /// <summary>Stops the device until reset and tells the driver: the transport now shows
+    /// DEVICE_NEEDS_RESET, which needs a configuration change notification (virtio 1.2 §2.1.2).</summary>
+    private void MarkBroken(IVirtioInterrupt interrupt)
+    {
+        Broken = true;
+        _log?.Write("virtio-blk: impossible ring state, device stopped until reset");
+        interrupt.Signal(VirtioInterruptType.Config, 0);
     }
 
     /// <summary>Runs the request in <see cref="_chain"/> and writes its status.</summary>

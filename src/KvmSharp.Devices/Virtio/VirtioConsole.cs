@@ -339,10 +339,14 @@ public sealed class VirtioConsole : IVirtioDevice
         }
     }
 
+    /// <summary>Stops the device until reset and tells the driver: the transport now shows
+    /// DEVICE_NEEDS_RESET, which needs a configuration change notification (virtio 1.2 §2.1.2).
+    /// Called under either queue lock; <see cref="_interrupt"/> changes only under both.</summary>
     private void MarkBroken()
     {
         Volatile.Write(ref _broken, true);
         _log?.Write("virtio-console: impossible ring state, device stopped until reset");
+        _interrupt?.Signal(VirtioInterruptType.Config, 0);
     }
 
     private void CountBadChain(ushort head)

@@ -699,9 +699,13 @@ public sealed class VirtioNet : IVirtioDevice
         _log?.Write($"virtio-net: {what} (head {head}), returned unused");
     }
 
+    /// <summary>Stops the device until reset and tells the driver: the transport now shows
+    /// DEVICE_NEEDS_RESET, which needs a configuration change notification (virtio 1.2 §2.1.2).
+    /// Called under either queue lock; <see cref="_interrupt"/> changes only under both.</summary>
     private void MarkBroken(ref bool flag, string queue)
     {
         Volatile.Write(ref flag, true);
         _log?.Write($"virtio-net: the driver corrupted the {queue} ring; device stopped until reset");
+        _interrupt?.Signal(VirtioInterruptType.Config, 0);
     }
 }

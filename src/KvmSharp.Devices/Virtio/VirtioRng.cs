@@ -126,7 +126,7 @@ public sealed class VirtioRng : IVirtioDevice
                 {
                     if (result == PopResult.BrokenRing)
                     {
-                        Broken = true;
+                        MarkBroken(interrupt);
                         break;
                     }
                     uint written = 0;
@@ -136,7 +136,7 @@ public sealed class VirtioRng : IVirtioDevice
                         Interlocked.Increment(ref _badChains);
                     if (!queue.TryAddUsed(memory, _chain.Head, written))
                     {
-                        Broken = true;
+                        MarkBroken(interrupt);
                         break;
                     }
                     used = true;
@@ -149,6 +149,14 @@ public sealed class VirtioRng : IVirtioDevice
             if (used && queue.NeedsNotification(memory))
                 interrupt.Signal(VirtioInterruptType.Queue, 0);
         }
+    }
+
+    /// <summary>Stops the device until reset and tells the driver: the transport now shows
+    /// DEVICE_NEEDS_RESET, which needs a configuration change notification (virtio 1.2 §2.1.2).</summary>
+    private void MarkBroken(IVirtioInterrupt interrupt)
+    {
+        Broken = true;
+        interrupt.Signal(VirtioInterruptType.Config, 0);
     }
 
     private uint Fill(GuestMemory memory)

@@ -31,7 +31,13 @@ internal sealed class VirtioTransportCore
 
     public VirtQueue[] Queues { get; }
 
-    public byte Status { get; private set; }
+    // The status byte as the driver wrote it, plus DEVICE_NEEDS_RESET after a failed activation.
+    private byte _status;
+
+    /// <summary>The device status register: what the driver wrote, plus DEVICE_NEEDS_RESET after
+    /// a failed activation or while the running device is <see cref="IVirtioDevice.Broken"/>
+    /// (virtio 1.2 §2.1.2).</summary>
+    public byte Status => Activated && _device.Broken ? (byte)(_status | VirtioDeviceStatus.DEVICE_NEEDS_RESET) : _status;
 
     public uint DeviceFeaturesSelect { get; set; }
 
@@ -41,7 +47,7 @@ internal sealed class VirtioTransportCore
 
     public bool Activated { get; private set; }
 
-    public bool HasStatus(byte bit) => (Status & bit) != 0;
+    public bool HasStatus(byte bit) => (_status & bit) != 0;
 
     /// <summary>The 32 feature bits selected by <see cref="DeviceFeaturesSelect"/>.</summary>
     public uint DeviceFeaturesWindow => DeviceFeaturesSelect switch
@@ -83,10 +89,14 @@ internal sealed class VirtioTransportCore
             Reset();
             return true;
         }
+        // DEVICE_NEEDS_RESET is the device's to set (§2.1.2): a driver that writes back the
+        // status it read with the bit in it neither sets nor clears it.
+        value = (byte)(value & ~VirtioDeviceStatus.DEVICE_NEEDS_RESET);
+        byte driverBits = (byte)(_status & ~VirtioDeviceStatus.DEVICE_NEEDS_RESET);
         // §2.1.1: the driver only sets bits; clearing one needs a reset.
-        if ((value & Status) != Status)
+        if ((value & driverBits) != driverBits)
             return false;
-        byte added = (byte)(value & ~Status);
+        byte added = (byte)(value & ~driverBits);
 
         if ((added & VirtioDeviceStatus.FEATURES_OK) != 0)
         {
@@ -107,12 +117,12 @@ internal sealed class VirtioTransportCore
             {
                 // §2.1.2: an unrecoverable device error is DEVICE_NEEDS_RESET plus a configuration
                 // change notification.
-                Status = (byte)(value | VirtioDeviceStatus.DEVICE_NEEDS_RESET);
+                _status = (byte)(value | VirtioDeviceStatus.DEVICE_NEEDS_RESET);
                 _interrupt.Signal(VirtioInterruptType.Config, 0);
                 return false;
             }
         }
-        Status = (byte)(value | (Status & VirtioDeviceStatus.DEVICE_NEEDS_RESET));
+        _status = (byte)(value | (_status & VirtioDeviceStatus.DEVICE_NEEDS_RESET));
         return false;
     }
 
@@ -136,7 +146,7 @@ internal sealed class VirtioTransportCore
         if (Activated)
             _device.Reset();
         Activated = false;
-        Status = 0;
+        _status = 0;
         DriverFeatures = 0;
         DeviceFeaturesSelect = 0;
         DriverFeaturesSelect = 0;
