@@ -279,8 +279,8 @@ internal static class ConfigFile
                     throw Error("balloon.amount_mib", $"must not be negative, not {b.AmountMib}");
                 if ((ulong)b.AmountMib >= memoryMib)
                     throw Error("balloon.amount_mib", $"{b.AmountMib} MiB would take all of the guest's {memoryMib} MiB");
-                if (b.DeflateOnOom == false)
-                    throw Error("balloon.deflate_on_oom", "false is not supported (the balloon always lets the guest deflate it under memory pressure); use true");
+                if (b.DeflateOnOom == true)
+                    throw Error("balloon.deflate_on_oom", "true is not supported (the balloon does not offer deflate-on-OOM: inflated pages leave the guest's MemTotal); use false");
                 if (b.StatsPollingIntervalS is { } s && s != 0)
                     throw Error("balloon.stats_polling_interval_s", $"statistics polling is not supported; use 0, not {s}");
                 balloon = (ulong)b.AmountMib;
@@ -338,6 +338,7 @@ internal static class ConfigFile
                 VirtioConsole = virtioConsole,
                 VirtioMmio = mmio,
                 Mergeable = k.Ksm ?? false,
+                Prefault = k.Prefault ?? false,
                 HugePages = hugePages,
             };
         }

@@ -73,7 +73,7 @@ internal sealed class BalloonSection
 {
     public required long AmountMib { get; set; }
 
-    /// <summary>Only true: the device always offers VIRTIO_BALLOON_F_DEFLATE_ON_OOM.</summary>
+    /// <summary>Only false: the device does not offer VIRTIO_BALLOON_F_DEFLATE_ON_OOM (as Firecracker's default).</summary>
     public bool? DeflateOnOom { get; set; }
 
     /// <summary>Only 0: kvmsharp does not poll balloon statistics.</summary>
@@ -94,6 +94,7 @@ internal sealed class KvmSharpSection
     public string? Pvm { get; set; }
     public bool? KernelDecompress { get; set; }
     public bool? Ksm { get; set; }
+    public bool? Prefault { get; set; }
 }
 
 /// <summary>Source-generated metadata: the CLI is NativeAOT, so no reflection-based serialization.</summary>

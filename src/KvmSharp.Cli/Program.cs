@@ -72,7 +72,7 @@ internal static class Program
 
         run --config FILE: sections boot-source, drives, network-interfaces, machine-config, balloon,
           entropy (as Firecracker's --config-file) and kvmsharp {console, transport, acpi, cpu_template,
-          debug_exit, pvh, pvm, kernel_decompress, ksm}. Relative paths are relative to the file.
+          debug_exit, pvh, pvm, kernel_decompress, ksm, prefault}. Relative paths are relative to the file.
           No other option may be given with --config.
 
         Console: raw mode on a terminal; Ctrl-A x quits, Ctrl-A Ctrl-A sends Ctrl-A.

@@ -65,6 +65,7 @@ public sealed class ConfigFileTests : IDisposable
         { "{ " + Boot + """, "network-interfaces": [ { "iface_id": "eth0", "host_dev_name": "tap0" }, { "iface_id": "eth0", "host_dev_name": "tap1" } ] }""", "vm.json: network-interfaces[1].iface_id: \"eth0\" is already the id of network-interfaces[0]" },
         { "{ " + Boot + """, "network-interfaces": [ { "iface_id": "eth0", "host_dev_name": "a-tap-name-too-long" } ] }""", "vm.json: network-interfaces[0].host_dev_name: must be a TAP name of 1 to 15 characters" },
         { "{ " + Boot + """, "balloon": { "amount_mib": 256 } }""", "vm.json: balloon.amount_mib: 256 MiB would take all of the guest's 256 MiB" },
+        { "{ " + Boot + """, "balloon": { "amount_mib": 16, "deflate_on_oom": true } }""", "vm.json: balloon.deflate_on_oom: true is not supported" },
         { "{ " + Boot + """, "entropy": { "rate_limiter": null } }""", "vm.json: entropy.rate_limiter: unknown key" },
         { "{ " + Boot + """, "kvmsharp": { "transport": "usb" } }""", "vm.json: kvmsharp.transport: takes \"pci\" or \"mmio\", not \"usb\"" },
         { "{ " + Boot + """, "kvmsharp": { "console": "vga" } }""", "vm.json: kvmsharp.console: takes \"serial\" or \"virtio\"" },
