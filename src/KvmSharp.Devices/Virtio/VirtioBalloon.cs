@@ -72,6 +72,8 @@ public sealed class VirtioBalloon : IVirtioDevice
     // Guards everything below.
     private readonly Lock _lock = new();
     private readonly DescriptorChain _chain;
+    private readonly VirtioDeviceRuntime _runtime;
+    private readonly ChainHandler _inflate, _deflate;
     private readonly uint[] _pfns = new uint[256];
     private readonly VirtioBalloonStat[] _stats = new VirtioBalloonStat[MaxStats];
     private int _statsCount;
@@ -84,13 +86,11 @@ public sealed class VirtioBalloon : IVirtioDevice
     private IReadOnlyList<VirtQueue>? _queues;
     private IVirtioInterrupt? _interrupt;
     private bool _statsNegotiated;
-    private bool _broken;
 
     private long _inflatedPages;
     private long _deflatedPages;
     private long _invalidPfns;
     private long _discardFailures;
-    private long _badChains;
 
     /// <summary>Creates the balloon, initially empty (target 0 pages).</summary>
     /// <param name="queueSize">Maximum size of each queue (a power of two up to 32768).</param>
@@ -105,6 +105,9 @@ public sealed class VirtioBalloon : IVirtioDevice
         _deflateOnOom = deflateOnOom;
         _log = log;
         _chain = new DescriptorChain(queueSize);
+        _runtime = new VirtioDeviceRuntime("virtio-balloon", log);
+        _inflate = Inflate;
+        _deflate = Deflate;
     }
 
     /// <inheritdoc/>
@@ -151,20 +154,13 @@ public sealed class VirtioBalloon : IVirtioDevice
     public long DiscardFailures => Interlocked.Read(ref _discardFailures);
 
     /// <summary>Malformed chains returned with length 0.</summary>
-    public long BadChains => Interlocked.Read(ref _badChains);
+    public long BadChains => _runtime.BadChains;
 
     /// <summary>Stats buffers received since creation.</summary>
     public long StatsUpdates => Interlocked.Read(ref _statsUpdates);
 
     /// <summary>True after the driver corrupted a ring; cleared by reset.</summary>
-    public bool Broken
-    {
-        get
-        {
-            lock (_lock)
-                return _broken;
-        }
-    }
+    public bool Broken => _runtime.Broken;
 
     /// <summary>The statistics of the last stats buffer, in the driver's order (a copy).</summary>
     public IReadOnlyList<VirtioBalloonStat> Stats
@@ -224,13 +220,13 @@ public sealed class VirtioBalloon : IVirtioDevice
     {
         lock (_lock)
         {
-            if (!_statsHeld || _memory is not { } memory || _queues is not { } queues || _interrupt is not { } interrupt || _broken)
+            if (!_statsHeld || _memory is not { } memory || _queues is not { } queues || _interrupt is not { } interrupt || Broken)
                 return false;
             VirtQueue queue = queues[StatsQueue];
             _statsHeld = false;
             if (!queue.TryAddUsed(memory, _statsHead, 0))
             {
-                MarkBroken();
+                _runtime.MarkBroken(interrupt, StatsQueue);
                 return false;
             }
             if (queue.NeedsNotification(memory))
@@ -290,7 +286,7 @@ public sealed class VirtioBalloon : IVirtioDevice
             _interrupt = interrupt;
             _statsNegotiated = stats && queues[StatsQueue].Ready;
             _statsHeld = false;
-            _broken = false;
+            _runtime.ClearBroken();
         }
         return true;
     }
@@ -306,7 +302,7 @@ public sealed class VirtioBalloon : IVirtioDevice
             _interrupt = null;
             _statsNegotiated = false;
             _statsHeld = false;
-            _broken = false;
+            _runtime.ClearBroken();
             _actualPages = 0;
         }
     }
@@ -316,16 +312,18 @@ public sealed class VirtioBalloon : IVirtioDevice
     {
         lock (_lock)
         {
-            if (_memory is not { } memory || _queues is not { } queues || _interrupt is not { } interrupt || _broken)
+            if (_memory is not { } memory || _queues is not { } queues || _interrupt is not { } interrupt || Broken)
                 return;
             switch (queueIndex)
             {
                 case InflateQueue:
+                    _runtime.Drain(queues[InflateQueue], InflateQueue, memory, interrupt, _chain, _inflate);
+                    break;
                 case DeflateQueue:
-                    ProcessPages(memory, queues[queueIndex], interrupt, queueIndex);
+                    _runtime.Drain(queues[DeflateQueue], DeflateQueue, memory, interrupt, _chain, _deflate);
                     break;
                 case StatsQueue when _statsNegotiated:
-                    ProcessStats(memory, queues[StatsQueue]);
+                    ProcessStats(memory, queues[StatsQueue], interrupt);
                     break;
                 default:
                     break;
@@ -333,48 +331,17 @@ public sealed class VirtioBalloon : IVirtioDevice
         }
     }
 
-    private void ProcessPages(GuestMemory memory, VirtQueue queue, IVirtioInterrupt interrupt, int index)
+    /// <remarks>§5.5.6: the device writes nothing into inflate or deflate buffers.</remarks>
+    private uint Deflate(GuestMemory memory, DescriptorChain chain)
     {
-        bool used = false;
-        while (true)
-        {
-            PopResult result;
-            while ((result = queue.TryPop(memory, _chain)) != PopResult.Empty)
-            {
-                if (result == PopResult.BrokenRing)
-                {
-                    MarkBroken();
-                    break;
-                }
-                if (result == PopResult.Chain)
-                {
-                    if (index == InflateQueue)
-                        Inflate(memory);
-                    else
-                        Interlocked.Add(ref _deflatedPages, _chain.ReadableLength / sizeof(uint));
-                }
-                else
-                {
-                    CountBadChain();
-                }
-                if (!queue.TryAddUsed(memory, _chain.Head, 0))
-                {
-                    MarkBroken();
-                    break;
-                }
-                used = true;
-            }
-            if (_broken || !queue.EnableNotification(memory))
-                break;
-        }
-        if (used && queue.NeedsNotification(memory))
-            interrupt.Signal(VirtioInterruptType.Queue, index);
+        Interlocked.Add(ref _deflatedPages, chain.ReadableLength / sizeof(uint));
+        return 0;
     }
 
     /// <summary>Discards the pages whose PFNs the chain lists (le32 each, §5.5.6.1).</summary>
-    private void Inflate(GuestMemory memory)
+    private uint Inflate(GuestMemory memory, DescriptorChain chain)
     {
-        var reader = new ChainReader(memory, _chain);
+        var reader = new ChainReader(memory, chain);
         ulong runStart = 0, runPages = 0;
         while (reader.Remaining >= sizeof(uint))
         {
@@ -402,7 +369,8 @@ public sealed class VirtioBalloon : IVirtioDevice
         }
         Discard(memory, runStart, runPages);
         if (reader.Remaining != 0)
-            _log?.Write("virtio-balloon: inflate buffer length not a multiple of 4, head ", _chain.Head);
+            _log?.Write("virtio-balloon: inflate buffer length not a multiple of 4, head ", chain.Head);
+        return 0;
     }
 
     private void Discard(GuestMemory memory, ulong startPfn, ulong pages)
@@ -421,7 +389,7 @@ public sealed class VirtioBalloon : IVirtioDevice
     }
 
     /// <summary>Parses the driver's stats buffer and keeps it until the host wants new stats.</summary>
-    private void ProcessStats(GuestMemory memory, VirtQueue queue)
+    private void ProcessStats(GuestMemory memory, VirtQueue queue, IVirtioInterrupt interrupt)
     {
         while (true)
         {
@@ -430,7 +398,7 @@ public sealed class VirtioBalloon : IVirtioDevice
             {
                 if (result == PopResult.BrokenRing)
                 {
-                    MarkBroken();
+                    _runtime.MarkBroken(interrupt, StatsQueue);
                     return;
                 }
                 if (_statsHeld)
@@ -438,11 +406,11 @@ public sealed class VirtioBalloon : IVirtioDevice
                     // An honest driver has one stats buffer; give an older one back rather than leak it.
                     if (!queue.TryAddUsed(memory, _statsHead, 0))
                     {
-                        MarkBroken();
+                        _runtime.MarkBroken(interrupt, StatsQueue);
                         return;
                     }
                     _statsHeld = false;
-                    if (queue.NeedsNotification(memory) && _interrupt is { } interrupt)
+                    if (queue.NeedsNotification(memory))
                         interrupt.Signal(VirtioInterruptType.Queue, StatsQueue);
                 }
                 if (result == PopResult.Chain)
@@ -451,7 +419,7 @@ public sealed class VirtioBalloon : IVirtioDevice
                 }
                 else
                 {
-                    CountBadChain();
+                    _runtime.BadChain(_chain.Head);
                 }
                 _statsHead = _chain.Head;
                 _statsHeld = true;
@@ -474,20 +442,5 @@ public sealed class VirtioBalloon : IVirtioDevice
         }
         _statsCount = count;
         Interlocked.Increment(ref _statsUpdates);
-    }
-
-    /// <summary>Stops the device until reset and tells the driver: the transport now shows
-    /// DEVICE_NEEDS_RESET, which needs a configuration change notification (virtio 1.2 §2.1.2).</summary>
-    private void MarkBroken()
-    {
-        _broken = true;
-        _log?.Write("virtio-balloon: impossible ring state, device stopped until reset");
-        _interrupt?.Signal(VirtioInterruptType.Config, 0);
-    }
-
-    private void CountBadChain()
-    {
-        Interlocked.Increment(ref _badChains);
-        _log?.Write("virtio-balloon: malformed descriptor chain, head ", _chain.Head);
     }
 }

@@ -1,4 +1,5 @@
 using System.Buffers.Binary;
+using System.Diagnostics;
 using System.Runtime.InteropServices;
 using System.Text;
 using KvmSharp.Images;
@@ -108,6 +109,8 @@ public sealed class VirtioBlock : IVirtioDevice
     // Guards everything below.
     private readonly Lock _lock = new();
     private readonly DescriptorChain _chain;
+    private readonly VirtioDeviceRuntime _runtime;
+    private readonly ChainHandler _execute;
     private readonly byte[] _bounce = new byte[BounceSize];
     private readonly virtio_blk_discard_write_zeroes[] _segments = new virtio_blk_discard_write_zeroes[MaxDiscardSegments];
     private GuestMemory? _memory;
@@ -118,7 +121,6 @@ public sealed class VirtioBlock : IVirtioDevice
     private long _requests;
     private long _ioErrors;
     private long _unsupported;
-    private long _badChains;
     private long _bytesRead;
     private long _bytesWritten;
 
@@ -163,6 +165,8 @@ public sealed class VirtioBlock : IVirtioDevice
         _queueSize = queueSize;
         _chain = new DescriptorChain(queueSize);
         _log = log;
+        _runtime = new VirtioDeviceRuntime("virtio-blk", log);
+        _execute = Execute;
         int n = Encoding.ASCII.GetBytes(serial.AsSpan(0, Math.Min(serial.Length, IdBytes)), _id);
         _id.AsSpan(n).Clear();
     }
@@ -209,7 +213,7 @@ public sealed class VirtioBlock : IVirtioDevice
     public long Unsupported => Interlocked.Read(ref _unsupported);
 
     /// <summary>Malformed chains and requests without a writable status byte (returned with length 0).</summary>
-    public long BadChains => Interlocked.Read(ref _badChains);
+    public long BadChains => _runtime.BadChains;
 
     /// <summary>Bytes read from the disk for the guest.</summary>
     public long BytesRead => Interlocked.Read(ref _bytesRead);
@@ -218,7 +222,7 @@ public sealed class VirtioBlock : IVirtioDevice
     public long BytesWritten => Interlocked.Read(ref _bytesWritten);
 
     /// <summary>True after the driver corrupted the ring; cleared by reset.</summary>
-    public bool Broken { get; private set; }
+    public bool Broken => _runtime.Broken;
 
     /// <inheritdoc/>
     public ushort QueueMaxSize(int index) => _queueSize;
@@ -264,7 +268,7 @@ public sealed class VirtioBlock : IVirtioDevice
             _queues = queues;
             _interrupt = interrupt;
             _writeThrough = (negotiatedFeatures & VirtioBlockFeatures.FLUSH) == 0;
-            Broken = false;
+            _runtime.ClearBroken();
         }
         return true;
     }
@@ -277,7 +281,7 @@ public sealed class VirtioBlock : IVirtioDevice
             _memory = null;
             _queues = null;
             _interrupt = null;
-            Broken = false;
+            _runtime.ClearBroken();
         }
     }
 
@@ -297,64 +301,22 @@ public sealed class VirtioBlock : IVirtioDevice
                 return;
             if ((uint)queueIndex >= (uint)queues.Count || !queues[queueIndex].Ready)
                 return;
-            VirtQueue queue = queues[queueIndex];
-            bool used = false;
-            while (true)
-            {
-                PopResult result;
-                while ((result = queue.TryPop(memory, _chain)) != PopResult.Empty)
-                {
-                    if (result == PopResult.BrokenRing)
-                    {
-                        MarkBroken(interrupt);
-                        break;
-                    }
-                    uint written = 0;
-                    if (result == PopResult.Chain)
-                    {
-                        written = Execute(memory);
-                    }
-                    else
-                    {
-                        Interlocked.Increment(ref _badChains);
-                        _log?.Write("virtio-blk: malformed descriptor chain, head ", _chain.Head);
-                    }
-                    if (!queue.TryAddUsed(memory, _chain.Head, written))
-                    {
-                        MarkBroken(interrupt);
-                        break;
-                    }
-                    used = true;
-                }
-                if (Broken || !queue.EnableNotification(memory))
-                    break;
-            }
-            if (used && queue.NeedsNotification(memory))
-                interrupt.Signal(VirtioInterruptType.Queue, queueIndex);
+            _runtime.Drain(queues[queueIndex], queueIndex, memory, interrupt, _chain, _execute);
         }
-    }
-
-    /// <summary>Stops the device until reset and tells the driver: the transport now shows
-    /// DEVICE_NEEDS_RESET, which needs a configuration change notification (virtio 1.2 §2.1.2).</summary>
-    private void MarkBroken(IVirtioInterrupt interrupt)
-    {
-        Broken = true;
-        _log?.Write("virtio-blk: impossible ring state, device stopped until reset");
-        interrupt.Signal(VirtioInterruptType.Config, 0);
     }
 
     /// <summary>Runs the request in <see cref="_chain"/> and writes its status.</summary>
     /// <returns>The used length: payload bytes written into the guest plus the status byte, or 0
     /// when the chain has no writable byte to carry a status.</returns>
-    private uint Execute(GuestMemory memory)
+    private uint Execute(GuestMemory memory, DescriptorChain chain)
     {
+        Debug.Assert(chain == _chain);
         // §5.2.6: the status is the last device-writable byte. Without one the driver cannot
         // learn the outcome, so nothing is done.
         ReadOnlySpan<ChainSegment> writable = _chain.Writable;
         if (writable.Length == 0)
         {
-            Interlocked.Increment(ref _badChains);
-            _log?.Write("virtio-blk: request without a writable status byte, head ", _chain.Head);
+            _runtime.BadChain(_chain.Head, "request without a writable status byte");
             return 0;
         }
         ChainSegment last = writable[^1];
@@ -369,7 +331,7 @@ public sealed class VirtioBlock : IVirtioDevice
             Interlocked.Increment(ref _unsupported);
         if (!memory.TryWrite(statusAddress, status))
         {
-            Interlocked.Increment(ref _badChains);
+            _runtime.BadChain(_chain.Head, "status byte no longer in RAM");
             return 0;
         }
         return payload + 1;

@@ -41,12 +41,13 @@ public sealed class VirtioConsole : IVirtioDevice
     private readonly ushort _queueSize;
     private readonly ushort _cols;
     private readonly ushort _rows;
-    private readonly RateLimitedLog? _log;
+    private readonly VirtioDeviceRuntime _runtime; // takes no lock: used under either
 
     // Lock order: _txLock, then _rxLock. _txLock guards the transmit queue and _output.
     private readonly Lock _txLock = new();
     private readonly DescriptorChain _txChain;
     private readonly byte[] _txScratch = new byte[4096];
+    private readonly ChainHandler _transmit;
     private VirtQueue? _txQueue;
 
     // _rxLock guards the receive queue, the input ring buffer and the shared activation state.
@@ -60,12 +61,10 @@ public sealed class VirtioConsole : IVirtioDevice
     // Written under both locks, so either lock suffices to read them.
     private GuestMemory? _memory;
     private IVirtioInterrupt? _interrupt;
-    private bool _broken;
 
     private long _bytesOut;
     private long _bytesIn;
     private long _outputErrors;
-    private long _badChains;
 
     /// <summary>Creates the console.</summary>
     /// <param name="output">Receives guest output; written and flushed on the I/O thread.</param>
@@ -83,9 +82,10 @@ public sealed class VirtioConsole : IVirtioDevice
         _queueSize = queueSize;
         _cols = cols;
         _rows = rows;
-        _log = log;
         _txChain = new DescriptorChain(queueSize);
         _rxChain = new DescriptorChain(queueSize);
+        _runtime = new VirtioDeviceRuntime("virtio-console", log);
+        _transmit = Transmit;
     }
 
     /// <inheritdoc/>
@@ -109,7 +109,7 @@ public sealed class VirtioConsole : IVirtioDevice
     public long OutputErrors => Interlocked.Read(ref _outputErrors);
 
     /// <summary>Malformed chains returned with length 0.</summary>
-    public long BadChains => Interlocked.Read(ref _badChains);
+    public long BadChains => _runtime.BadChains;
 
     /// <summary>Input bytes accepted but not yet delivered.</summary>
     public int PendingInput
@@ -122,7 +122,7 @@ public sealed class VirtioConsole : IVirtioDevice
     }
 
     /// <summary>True after the driver corrupted a ring; cleared by reset.</summary>
-    public bool Broken => Volatile.Read(ref _broken);
+    public bool Broken => _runtime.Broken;
 
     /// <inheritdoc/>
     public ushort QueueMaxSize(int index) => _queueSize;
@@ -167,7 +167,7 @@ public sealed class VirtioConsole : IVirtioDevice
                 _interrupt = interrupt;
                 _rxQueue = queues[ReceiveQueue];
                 _txQueue = queues[TransmitQueue];
-                Volatile.Write(ref _broken, false);
+                _runtime.ClearBroken();
             }
         }
         return true;
@@ -185,7 +185,7 @@ public sealed class VirtioConsole : IVirtioDevice
                 _interrupt = null;
                 _rxQueue = null;
                 _txQueue = null;
-                Volatile.Write(ref _broken, false);
+                _runtime.ClearBroken();
             }
         }
     }
@@ -229,7 +229,7 @@ public sealed class VirtioConsole : IVirtioDevice
 
     private void DeliverLocked()
     {
-        if (_rxQueue is not { } queue || _memory is not { } memory || _interrupt is not { } interrupt || _broken)
+        if (_rxQueue is not { } queue || _memory is not { } memory || _interrupt is not { } interrupt || Broken)
             return;
         bool used = false;
         while (_inputCount > 0)
@@ -244,7 +244,7 @@ public sealed class VirtioConsole : IVirtioDevice
             }
             if (result == PopResult.BrokenRing)
             {
-                MarkBroken();
+                _runtime.MarkBroken(interrupt, ReceiveQueue);
                 break;
             }
             uint written = 0;
@@ -267,11 +267,11 @@ public sealed class VirtioConsole : IVirtioDevice
             }
             else
             {
-                CountBadChain(_rxChain.Head);
+                _runtime.BadChain(_rxChain.Head);
             }
             if (!queue.TryAddUsed(memory, _rxChain.Head, written))
             {
-                MarkBroken();
+                _runtime.MarkBroken(interrupt, ReceiveQueue);
                 break;
             }
             used = true;
@@ -285,44 +285,20 @@ public sealed class VirtioConsole : IVirtioDevice
     {
         lock (_txLock)
         {
-            if (_txQueue is not { } queue || _memory is not { } memory || _interrupt is not { } interrupt || Volatile.Read(ref _broken))
+            if (_txQueue is not { } queue || _memory is not { } memory || _interrupt is not { } interrupt || Broken)
                 return;
-            bool used = false;
-            while (true)
-            {
-                PopResult result;
-                while ((result = queue.TryPop(memory, _txChain)) != PopResult.Empty)
-                {
-                    if (result == PopResult.BrokenRing)
-                    {
-                        MarkBroken();
-                        break;
-                    }
-                    if (result == PopResult.Chain)
-                    {
-                        var reader = new ChainReader(memory, _txChain);
-                        int n;
-                        while ((n = reader.Read(_txScratch)) > 0)
-                            WriteOutput(_txScratch.AsSpan(0, n));
-                    }
-                    else
-                    {
-                        CountBadChain(_txChain.Head);
-                    }
-                    // §5.3.6.2: transmit buffers are returned with nothing written.
-                    if (!queue.TryAddUsed(memory, _txChain.Head, 0))
-                    {
-                        MarkBroken();
-                        break;
-                    }
-                    used = true;
-                }
-                if (Volatile.Read(ref _broken) || !queue.EnableNotification(memory))
-                    break;
-            }
-            if (used && queue.NeedsNotification(memory))
-                interrupt.Signal(VirtioInterruptType.Queue, TransmitQueue);
+            _runtime.Drain(queue, TransmitQueue, memory, interrupt, _txChain, _transmit);
         }
+    }
+
+    /// <remarks>§5.3.6.2: transmit buffers are returned with nothing written.</remarks>
+    private uint Transmit(GuestMemory memory, DescriptorChain chain)
+    {
+        var reader = new ChainReader(memory, chain);
+        int n;
+        while ((n = reader.Read(_txScratch)) > 0)
+            WriteOutput(_txScratch.AsSpan(0, n));
+        return 0;
     }
 
     private void WriteOutput(ReadOnlySpan<byte> bytes)
@@ -337,21 +313,5 @@ public sealed class VirtioConsole : IVirtioDevice
         {
             Interlocked.Increment(ref _outputErrors);
         }
-    }
-
-    /// <summary>Stops the device until reset and tells the driver: the transport now shows
-    /// DEVICE_NEEDS_RESET, which needs a configuration change notification (virtio 1.2 §2.1.2).
-    /// Called under either queue lock; <see cref="_interrupt"/> changes only under both.</summary>
-    private void MarkBroken()
-    {
-        Volatile.Write(ref _broken, true);
-        _log?.Write("virtio-console: impossible ring state, device stopped until reset");
-        _interrupt?.Signal(VirtioInterruptType.Config, 0);
-    }
-
-    private void CountBadChain(ushort head)
-    {
-        Interlocked.Increment(ref _badChains);
-        _log?.Write("virtio-console: malformed descriptor chain, head ", head);
     }
 }

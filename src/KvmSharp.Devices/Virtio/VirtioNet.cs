@@ -102,6 +102,7 @@ public sealed class VirtioNet : IVirtioDevice
 
     private readonly INetBackend _backend;
     private readonly RateLimitedLog? _log;
+    private readonly VirtioDeviceRuntime _runtime; // takes no lock: used under either queue lock
     private readonly ushort _queueSize;
     private readonly byte[] _mac;
     private int _linkUp = 1;
@@ -119,13 +120,12 @@ public sealed class VirtioNet : IVirtioDevice
     private VirtQueue? _txQueue;
     private readonly DescriptorChain _txChain;
     private readonly byte[] _txBuffer = new byte[HeaderSize + MaxFrameSize];
-    private bool _txBroken;
+    private readonly ChainHandler _transmit;
 
     // Receive state (under _rxLock).
     private VirtQueue? _rxQueue;
     private readonly DescriptorChain _rxChain;
     private readonly byte[] _rxBuffer = new byte[HeaderSize + MaxFrameSize];
-    private bool _rxBroken;
     private int _rxLength;          // > 0: a frame (header included) waits in _rxBuffer
     private int _rxOffset;          // bytes of it already copied into guest buffers
     private bool _rxChainHeld;      // without MRG_RXBUF: _rxChain was popped and not used yet
@@ -135,7 +135,7 @@ public sealed class VirtioNet : IVirtioDevice
     private int _rxDeferredBadCount;
     private GuestAddress _numBuffersLow, _numBuffersHigh;  // where num_buffers sits in the frame's first chain
 
-    private long _txFrames, _txBytes, _txErrors, _rxFrames, _rxBytes, _rxDropped, _badChains;
+    private long _txFrames, _txBytes, _txErrors, _rxFrames, _rxBytes, _rxDropped;
 
     /// <summary>Creates the device.</summary>
     /// <param name="backend">Where frames go and come from; not owned.</param>
@@ -156,6 +156,8 @@ public sealed class VirtioNet : IVirtioDevice
         _mac = mac.ToArray();
         _queueSize = queueSize;
         _log = log;
+        _runtime = new VirtioDeviceRuntime("virtio-net", log);
+        _transmit = Transmit;
         _txChain = new DescriptorChain(queueSize);
         _rxChain = new DescriptorChain(queueSize);
         _rxUsed = new (ushort, uint)[queueSize];
@@ -194,10 +196,10 @@ public sealed class VirtioNet : IVirtioDevice
     public long RxDropped => Interlocked.Read(ref _rxDropped);
 
     /// <summary>Malformed or misdirected chains returned unused, both queues.</summary>
-    public long BadChains => Interlocked.Read(ref _badChains);
+    public long BadChains => _runtime.BadChains;
 
     /// <summary>True after the driver corrupted a ring; cleared by reset.</summary>
-    public bool Broken => Volatile.Read(ref _rxBroken) || Volatile.Read(ref _txBroken);
+    public bool Broken => _runtime.Broken;
 
     /// <summary>
     /// The link state in the status field (VIRTIO_NET_S_LINK_UP). Changing it while the device
@@ -297,8 +299,7 @@ public sealed class VirtioNet : IVirtioDevice
 
     private void ClearState()
     {
-        Volatile.Write(ref _rxBroken, false);
-        Volatile.Write(ref _txBroken, false);
+        _runtime.ClearBroken();
         _rxLength = 0;
         _rxOffset = 0;
         _rxChainHeld = false;
@@ -346,60 +347,33 @@ public sealed class VirtioNet : IVirtioDevice
     {
         lock (_txLock)
         {
-            if (_txQueue is not { } queue || _memory is not { } memory || _interrupt is not { } interrupt || _txBroken)
+            if (_txQueue is not { } queue || _memory is not { } memory || _interrupt is not { } interrupt || Broken)
                 return;
-            bool used = false;
-            while (true)
-            {
-                PopResult result;
-                while ((result = queue.TryPop(memory, _txChain)) != PopResult.Empty)
-                {
-                    if (result == PopResult.BrokenRing)
-                    {
-                        MarkBroken(ref _txBroken, "transmit");
-                        break;
-                    }
-                    if (result == PopResult.Chain)
-                        Transmit(memory);
-                    else
-                        BadChain("transmit chain is malformed or outside RAM", _txChain.Head);
-                    // §5.1.6.2: the device writes nothing into a transmit buffer.
-                    if (!queue.TryAddUsed(memory, _txChain.Head, 0))
-                    {
-                        MarkBroken(ref _txBroken, "transmit");
-                        break;
-                    }
-                    used = true;
-                }
-                if (_txBroken || !queue.EnableNotification(memory))
-                    break;
-            }
-            if (used && queue.NeedsNotification(memory))
-                interrupt.Signal(VirtioInterruptType.Queue, TxQueueIndex);
+            _runtime.Drain(queue, TxQueueIndex, memory, interrupt, _txChain, _transmit);
         }
     }
 
-    private void Transmit(GuestMemory memory)
+    /// <remarks>§5.1.6.2: the device writes nothing into a transmit buffer.</remarks>
+    private uint Transmit(GuestMemory memory, DescriptorChain chain)
     {
-        DescriptorChain chain = _txChain;
         uint length = chain.ReadableLength;
         // §5.1.6.2: a transmit chain is the header and the frame, all device-readable.
         if (chain.WritableLength != 0)
         {
-            BadChain("transmit chain has device-writable buffers", chain.Head);
-            return;
+            _runtime.BadChain(chain.Head, "transmit chain has device-writable buffers");
+            return 0;
         }
         if (length < HeaderSize + MinFrameSize || length > (uint)_txBuffer.Length)
         {
-            BadChain("transmit chain length is outside [26, 65612]", chain.Head);
-            return;
+            _runtime.BadChain(chain.Head, "transmit chain length is outside [26, 65612]");
+            return 0;
         }
         var reader = new ChainReader(memory, chain);
         Span<byte> frame = _txBuffer.AsSpan(0, (int)length);
         if (reader.Read(frame) != frame.Length)
         {
-            BadChain("transmit chain could not be read", chain.Head);
-            return;
+            _runtime.BadChain(chain.Head, "transmit chain could not be read");
+            return 0;
         }
         // The TAP takes virtio_net_hdr_v1 as is (flags, gso_type, hdr_len, gso_size,
         // csum_start, csum_offset; num_buffers is ignored on transmit) and validates it itself.
@@ -408,10 +382,11 @@ public sealed class VirtioNet : IVirtioDevice
         {
             Interlocked.Increment(ref _txErrors);
             _log?.Write("virtio-net: back end write failed, frame dropped: errno ", (ulong)-n);
-            return;
+            return 0;
         }
         Interlocked.Increment(ref _txFrames);
         Interlocked.Add(ref _txBytes, length - HeaderSize);
+        return 0;
     }
 
     // ---------------------------------------------------------------- receive
@@ -428,7 +403,7 @@ public sealed class VirtioNet : IVirtioDevice
     {
         lock (_rxLock)
         {
-            if (_rxQueue is not { } queue || _memory is not { } memory || _interrupt is not { } interrupt || _rxBroken)
+            if (_rxQueue is not { } queue || _memory is not { } memory || _interrupt is not { } interrupt || Broken)
                 return NetRxStatus.NotRunning;
             bool used = false;
             int budget = RxBudget;
@@ -471,7 +446,7 @@ public sealed class VirtioNet : IVirtioDevice
             // otherwise spare the guest the exits (VIRTQ_USED_F_NO_NOTIFY; a no-op with EVENT_IDX).
             if (status is NetRxStatus.BackendEmpty or NetRxStatus.MoreWork)
                 queue.DisableNotification(memory);
-            if (used && !_rxBroken && queue.NeedsNotification(memory))
+            if (used && !Broken && queue.NeedsNotification(memory))
                 interrupt.Signal(VirtioInterruptType.Queue, RxQueueIndex);
             return status;
         }
@@ -517,7 +492,7 @@ public sealed class VirtioNet : IVirtioDevice
                 return DeliverResult.NoBuffers;
             if (result == PopResult.BrokenRing)
             {
-                MarkBroken(ref _rxBroken, "receive");
+                _runtime.MarkBroken(_interrupt, RxQueueIndex);
                 return DeliverResult.Broken;
             }
             if (result == PopResult.Chain && chain.WritableLength >= HeaderSize)
@@ -525,7 +500,7 @@ public sealed class VirtioNet : IVirtioDevice
                 _rxChainHeld = true;
                 break;
             }
-            BadChain(result == PopResult.Chain ? "receive chain has no room for the header" : "receive chain is malformed or outside RAM", chain.Head);
+            _runtime.BadChain(chain.Head, result == PopResult.Chain ? "receive chain has no room for the header" : "receive chain is malformed or outside RAM");
             if (!AddUsed(queue, memory, chain.Head, 0, ref used))
                 return DeliverResult.Broken;
         }
@@ -582,13 +557,13 @@ public sealed class VirtioNet : IVirtioDevice
                 return DeliverResult.NoBuffers;
             if (result == PopResult.BrokenRing)
             {
-                MarkBroken(ref _rxBroken, "receive");
+                _runtime.MarkBroken(_interrupt, RxQueueIndex);
                 return DeliverResult.Broken;
             }
             bool first = _rxUsedCount == 0;
             if (result != PopResult.Chain || chain.WritableLength < (first ? HeaderSize : 1) || (first && !FindNumBuffers(chain)))
             {
-                BadChain(result == PopResult.Chain ? "receive chain has no room for the header" : "receive chain is malformed or outside RAM", chain.Head);
+                _runtime.BadChain(chain.Head, result == PopResult.Chain ? "receive chain has no room for the header" : "receive chain is malformed or outside RAM");
                 if (first)
                 {
                     if (!AddUsed(queue, memory, chain.Head, 0, ref used))
@@ -668,7 +643,7 @@ public sealed class VirtioNet : IVirtioDevice
         _rxDeferredBadCount = 0;
         if (!ok || !queue.TryPublishUsed(memory))
         {
-            MarkBroken(ref _rxBroken, "receive");
+            _runtime.MarkBroken(_interrupt, RxQueueIndex);
             return false;
         }
         return true;
@@ -678,7 +653,7 @@ public sealed class VirtioNet : IVirtioDevice
     {
         if (!queue.TryAddUsed(memory, head, length))
         {
-            MarkBroken(ref _rxBroken, "receive");
+            _runtime.MarkBroken(_interrupt, RxQueueIndex);
             return false;
         }
         used = true;
@@ -689,23 +664,5 @@ public sealed class VirtioNet : IVirtioDevice
     {
         Interlocked.Increment(ref _rxFrames);
         Interlocked.Add(ref _rxBytes, _rxLength - HeaderSize);
-    }
-
-    // ---------------------------------------------------------------- errors
-
-    private void BadChain(string what, ushort head)
-    {
-        Interlocked.Increment(ref _badChains);
-        _log?.Write($"virtio-net: {what} (head {head}), returned unused");
-    }
-
-    /// <summary>Stops the device until reset and tells the driver: the transport now shows
-    /// DEVICE_NEEDS_RESET, which needs a configuration change notification (virtio 1.2 §2.1.2).
-    /// Called under either queue lock; <see cref="_interrupt"/> changes only under both.</summary>
-    private void MarkBroken(ref bool flag, string queue)
-    {
-        Volatile.Write(ref flag, true);
-        _log?.Write($"virtio-net: the driver corrupted the {queue} ring; device stopped until reset");
-        _interrupt?.Signal(VirtioInterruptType.Config, 0);
     }
 }

@@ -25,13 +25,14 @@ public sealed class VirtioRng : IVirtioDevice
     private readonly ushort _queueSize;
     private readonly DescriptorChain _chain;
     private readonly byte[] _scratch = new byte[4096];
+    private readonly VirtioDeviceRuntime _runtime = new("virtio-rng", null);
+    private readonly ChainHandler _fill;
 
     // Guards everything below.
     private readonly Lock _lock = new();
     private GuestMemory? _memory;
     private VirtQueue? _queue;
     private IVirtioInterrupt? _interrupt;
-    private long _badChains;
     private long _bytesServed;
 
     /// <summary>Creates the device with a request queue of at most <paramref name="queueSize"/> entries.</summary>
@@ -41,6 +42,7 @@ public sealed class VirtioRng : IVirtioDevice
         _ = new VirtQueue(queueSize); // validates the size
         _queueSize = queueSize;
         _chain = new DescriptorChain(queueSize);
+        _fill = Fill;
     }
 
     /// <inheritdoc/>
@@ -54,13 +56,13 @@ public sealed class VirtioRng : IVirtioDevice
     public int QueueCount => 1;
 
     /// <summary>Malformed chains seen since creation.</summary>
-    public long BadChains => Interlocked.Read(ref _badChains);
+    public long BadChains => _runtime.BadChains;
 
     /// <summary>Random bytes handed to the guest since creation.</summary>
     public long BytesServed => Interlocked.Read(ref _bytesServed);
 
     /// <summary>True after the driver corrupted the ring; cleared by reset.</summary>
-    public bool Broken { get; private set; }
+    public bool Broken => _runtime.Broken;
 
     /// <inheritdoc/>
     public ushort QueueMaxSize(int index) => _queueSize;
@@ -87,7 +89,7 @@ public sealed class VirtioRng : IVirtioDevice
             _memory = memory;
             _queue = queues[0];
             _interrupt = interrupt;
-            Broken = false;
+            _runtime.ClearBroken();
         }
         return true;
     }
@@ -100,7 +102,7 @@ public sealed class VirtioRng : IVirtioDevice
             _memory = null;
             _queue = null;
             _interrupt = null;
-            Broken = false;
+            _runtime.ClearBroken();
         }
     }
 
@@ -118,50 +120,13 @@ public sealed class VirtioRng : IVirtioDevice
         {
             if (_queue is not { } queue || _memory is not { } memory || _interrupt is not { } interrupt || Broken)
                 return;
-            bool used = false;
-            while (true)
-            {
-                PopResult result;
-                while ((result = queue.TryPop(memory, _chain)) != PopResult.Empty)
-                {
-                    if (result == PopResult.BrokenRing)
-                    {
-                        MarkBroken(interrupt);
-                        break;
-                    }
-                    uint written = 0;
-                    if (result == PopResult.Chain)
-                        written = Fill(memory);
-                    else
-                        Interlocked.Increment(ref _badChains);
-                    if (!queue.TryAddUsed(memory, _chain.Head, written))
-                    {
-                        MarkBroken(interrupt);
-                        break;
-                    }
-                    used = true;
-                }
-                // With EVENT_IDX the driver kicks only when avail.idx passes avail_event: move it
-                // forward, then look again for buffers that raced with the update (§2.7.10).
-                if (Broken || !queue.EnableNotification(memory))
-                    break;
-            }
-            if (used && queue.NeedsNotification(memory))
-                interrupt.Signal(VirtioInterruptType.Queue, 0);
+            _runtime.Drain(queue, 0, memory, interrupt, _chain, _fill);
         }
     }
 
-    /// <summary>Stops the device until reset and tells the driver: the transport now shows
-    /// DEVICE_NEEDS_RESET, which needs a configuration change notification (virtio 1.2 §2.1.2).</summary>
-    private void MarkBroken(IVirtioInterrupt interrupt)
+    private uint Fill(GuestMemory memory, DescriptorChain chain)
     {
-        Broken = true;
-        interrupt.Signal(VirtioInterruptType.Config, 0);
-    }
-
-    private uint Fill(GuestMemory memory)
-    {
-        var writer = new ChainWriter(memory, _chain);
+        var writer = new ChainWriter(memory, chain);
         int budget = (int)Math.Min(writer.Remaining, (uint)MaxBytesPerRequest);
         while (budget > 0)
         {
