@@ -46,6 +46,9 @@ internal sealed class FakeVirtioDevice : IVirtioDevice
 
     public void Reset() => Resets++;
 
+    /// <summary>Set by a test to stand for a device that stopped on an impossible ring.</summary>
+    public bool Broken { get; set; }
+
     public void QueueNotify(int queueIndex) => Notified.Add(queueIndex);
 }
 

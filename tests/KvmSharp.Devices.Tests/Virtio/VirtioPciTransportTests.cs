@@ -336,6 +336,34 @@ public sealed class VirtioPciTransportTests : IDisposable
         Assert.True(_intx.Asserted); // configuration change notification (MSI-X off)
     }
 
+    /// <summary>A running device that stopped on an impossible ring shows DEVICE_NEEDS_RESET in
+    /// device_status (virtio 1.2 §2.1.2) until the driver resets it; the driver writing the
+    /// status back, with or without the bit, changes nothing.</summary>
+    [Fact]
+    public void BrokenDevice_ShowsNeedsReset_UntilReset()
+    {
+        var caps = FindCaps();
+        ulong common = Bar0 + caps[1].Offset;
+        _device.Broken = true; // not running yet: nothing to report
+        Wr(common + device_status, 1, ACK);
+        Assert.Equal((ulong)ACK, Rd(common + device_status, 1));
+        Wr(common + device_status, 1, 0);
+        _device.Broken = false;
+
+        BringUp(msix: false);
+        const byte running = ACK | DRIVER | FEATURES_OK | DRIVER_OK;
+        Assert.Equal((ulong)running, Rd(common + device_status, 1));
+        _device.Broken = true;
+        Assert.Equal((ulong)(running | NEEDS_RESET), Rd(common + device_status, 1));
+        Wr(common + device_status, 1, running);
+        Assert.Equal((ulong)(running | NEEDS_RESET), Rd(common + device_status, 1));
+        Wr(common + device_status, 1, running | NEEDS_RESET);
+        Assert.Equal((ulong)(running | NEEDS_RESET), Rd(common + device_status, 1));
+        Wr(common + device_status, 1, 0);
+        Assert.Equal(1, _device.Resets);
+        Assert.Equal(0UL, Rd(common + device_status, 1));
+    }
+
     [Fact]
     public void Reset_ClearsVectorsAndQueues()
     {
