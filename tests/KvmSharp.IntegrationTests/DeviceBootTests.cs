@@ -33,14 +33,10 @@ public class DeviceBootTests(ITestOutputHelper output)
         File.WriteAllText(Path.Combine(content, "hello.txt"), "written on the host\n");
         HostShell.Run($"mkfs.ext4 -q -F -d {content} {rwImage} 32M && cp {rwImage} {roImage}");
         byte[] roBefore = File.ReadAllBytes(roImage);
-        HostShell.Run($"ip netns add {ns}");
+        var netns = new HostShell.NetNamespace(ns, Tap, HostIp);
         Process? listener = null;
         try
         {
-            HostShell.Run($"ip netns exec {ns} ip tuntap add dev {Tap} mode tap vnet_hdr");
-            HostShell.Run($"ip netns exec {ns} ip addr add {HostIp}/24 dev {Tap}");
-            HostShell.Run($"ip netns exec {ns} ip link set {Tap} up");
-            HostShell.Run($"ip netns exec {ns} ip link set lo up");
             listener = Process.Start(new ProcessStartInfo("sh", ["-c", $"exec ip netns exec {ns} timeout 900 busybox nc -l -p 5000 > {received}"]))!;
 
             string script = $"""
@@ -100,7 +96,7 @@ public class DeviceBootTests(ITestOutputHelper output)
         {
             if (listener is { HasExited: false })
                 listener.Kill(entireProcessTree: true);
-            HostShell.Run($"ip netns del {ns}", check: false);
+            netns.Dispose();
             File.Delete(received);
             Directory.Delete(work, recursive: true);
         }
