@@ -216,8 +216,10 @@ public sealed class VirtQueue
         uint tableSize = Size;
         bool inIndirect = false;
         uint index = head;
-        // A chain is never longer than the queue, indirect descriptors included (virtio 1.2
-        // §2.7.5.3.1; virtio-queue chain.rs ttl): this bounds the walk and catches loops.
+        // A chain is never longer than the queue (virtio 1.2 §2.7.5.3.1; virtio-queue chain.rs
+        // ttl): this bounds the walk and catches loops. An indirect table starts a budget of its
+        // own: the descriptor that points to it is no buffer, and Linux fills a table with up to
+        // queue-size entries (virtio-blk: seg_max data segments plus header and status).
         int budget = Math.Min((int)Size, chain.Capacity);
 
         while (true)
@@ -241,6 +243,7 @@ public sealed class VirtQueue
                 tableSize = (uint)(desc.len / DescriptorSize);
                 inIndirect = true;
                 index = 0;
+                budget = (int)Math.Min(tableSize, (uint)chain.Capacity);
                 continue;
             }
 

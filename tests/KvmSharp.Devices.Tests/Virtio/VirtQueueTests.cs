@@ -214,6 +214,39 @@ public sealed class VirtQueueTests : IDisposable
         Assert.Equal(new GuestAddress(MockDriver.DataAddr + 0x200), chain.Writable[1].Address);
     }
 
+    /// <summary>
+    /// Linux's virtio-blk puts a 1 MiB request (seg_max = queue size - 2 data segments plus header
+    /// and status) into one indirect table of queue-size entries: the descriptor pointing at the
+    /// table must not count against the chain's length. Once it did, and such requests were
+    /// returned unused while the guest believed them done.
+    /// </summary>
+    [Fact]
+    public void IndirectTableOfQueueSizeEntries_IsOneChain()
+    {
+        var d = new MockDriver(_memory);
+        const ulong table = 0x8000;
+        for (ushort i = 0; i < 16; i++)
+            d.WriteDesc(table, i, MockDriver.DataAddr + i * 0x10u, 0x10, (ushort)((i == 15 ? MockDriver.F_WRITE : 0) | (i < 15 ? MockDriver.F_NEXT : 0)), (ushort)(i + 1));
+        d.WriteDesc(MockDriver.DescAddr, 5, table, 16 * 16, MockDriver.F_INDIRECT, 0);
+        d.Publish(5);
+        var chain = new DescriptorChain(16);
+        Assert.Equal(PopResult.Chain, d.Queue.TryPop(_memory, chain));
+        Assert.Equal(15, chain.Readable.Length);
+        Assert.Equal(1, chain.Writable.Length);
+    }
+
+    [Fact]
+    public void IndirectTableLongerThanTheQueue_IsMalformed()
+    {
+        var d = new MockDriver(_memory);
+        const ulong table = 0x8000;
+        for (ushort i = 0; i < 17; i++)
+            d.WriteDesc(table, i, MockDriver.DataAddr, 0x10, (ushort)(i < 16 ? MockDriver.F_NEXT : 0), (ushort)(i + 1));
+        d.WriteDesc(MockDriver.DescAddr, 5, table, 17 * 16, MockDriver.F_INDIRECT, 0);
+        d.Publish(5);
+        Assert.Equal(PopResult.BadChain, d.Queue.TryPop(_memory, new DescriptorChain(16)));
+    }
+
     public static TheoryData<string> BadChains => ["loop", "next out of range", "nested indirect", "indirect with next",
         "indirect length", "indirect empty", "readable after writable", "buffer outside RAM", "buffer wraps", "too long",
         "indirect table outside RAM", "indirect next out of table"];
