@@ -28,4 +28,29 @@ public interface IBlockDevice : IDisposable
 
     /// <summary>Makes the range read as zeros, without writing data where the format allows.</summary>
     void WriteZeroes(ulong offset, ulong length);
+
+    /// <summary>
+    /// Reads consecutive bytes from <paramref name="offset"/> into each buffer in turn (a virtio-blk
+    /// request's scattered guest pages). Formats that can do it in one system call override this.
+    /// </summary>
+    /// <exception cref="ImageException">As <see cref="Read"/>.</exception>
+    void ReadScattered(ReadOnlySpan<NativeBuffer> buffers, ulong offset)
+    {
+        foreach (NativeBuffer b in buffers)
+        {
+            Read(b.Span, offset);
+            offset += (ulong)b.Length;
+        }
+    }
+
+    /// <summary>Writes each buffer in turn to consecutive bytes from <paramref name="offset"/>.</summary>
+    /// <exception cref="ImageException">As <see cref="Write"/>.</exception>
+    void WriteGathered(ReadOnlySpan<NativeBuffer> buffers, ulong offset)
+    {
+        foreach (NativeBuffer b in buffers)
+        {
+            Write(b.Span, offset);
+            offset += (ulong)b.Length;
+        }
+    }
 }

@@ -1,10 +1,14 @@
+using System.Runtime.InteropServices;
 using Microsoft.Win32.SafeHandles;
 
 namespace KvmSharp.Images;
 
-/// <summary>A raw image: the virtual disk is the file. Positioned I/O (pread/pwrite), so no lock is needed.</summary>
-public sealed class RawImage : IBlockDevice
+/// <summary>A raw image: the virtual disk is the file. Positioned I/O (pread/pwrite, preadv/pwritev), so no lock is needed.</summary>
+public sealed unsafe partial class RawImage : IBlockDevice
 {
+    // Linux's IOV_MAX: the most buffers one preadv/pwritev takes.
+    private const int IovMax = 1024;
+
     private readonly SafeFileHandle _file;
     private readonly string _path;
     private ulong _size;
@@ -82,6 +86,72 @@ public sealed class RawImage : IBlockDevice
         try { RandomAccess.Write(_file, data, (long)offset); }
         catch (IOException e) { ThrowHelper.Io(_path, "write", e, (long)offset); }
     }
+
+    /// <inheritdoc/>
+    /// <remarks>preadv(2), repeated after short reads; past the end of a file that shrank underneath
+    /// us the rest reads as zeros, as <see cref="Read"/> does.</remarks>
+    public void ReadScattered(ReadOnlySpan<NativeBuffer> buffers, ulong offset) => Transfer(buffers, offset, write: false);
+
+    /// <inheritdoc/>
+    /// <remarks>pwritev(2), repeated after short writes.</remarks>
+    public void WriteGathered(ReadOnlySpan<NativeBuffer> buffers, ulong offset)
+    {
+        if (ReadOnly) ThrowHelper.Throw(ImageErrorKind.ReadOnly, _path, "image is read-only");
+        Transfer(buffers, offset, write: true);
+    }
+
+    private void Transfer(ReadOnlySpan<NativeBuffer> buffers, ulong offset, bool write)
+    {
+        ulong total = 0;
+        foreach (NativeBuffer b in buffers)
+            total += (ulong)b.Length;
+        CheckRange(offset, total);
+        // A private copy: a short transfer moves the start of the first unfinished buffer.
+        Span<NativeBuffer> left = buffers.Length <= IovMax ? stackalloc NativeBuffer[buffers.Length] : new NativeBuffer[buffers.Length];
+        buffers.CopyTo(left);
+        int fd = (int)_file.DangerousGetHandle();
+        while (!left.IsEmpty)
+        {
+            if (left[0].Length == 0)
+            {
+                left = left[1..];
+                continue;
+            }
+            int count = Math.Min(left.Length, IovMax);
+            nint n;
+            fixed (NativeBuffer* iov = left)
+                n = write ? pwritev(fd, iov, count, (long)offset) : preadv(fd, iov, count, (long)offset);
+            if (n < 0)
+            {
+                int errno = Marshal.GetLastPInvokeError();
+                if (errno == 4) // EINTR
+                    continue;
+                ThrowHelper.Throw(ImageErrorKind.Io, _path, $"{(write ? "pwritev" : "preadv")} failed: errno {errno}", (long)offset);
+            }
+            if (n == 0)
+            {
+                if (write)
+                    ThrowHelper.Throw(ImageErrorKind.Io, _path, "pwritev wrote nothing", (long)offset);
+                foreach (NativeBuffer b in left)
+                    b.Span.Clear(); // the file shrank underneath us: zeros, as a hole
+                return;
+            }
+            offset += (ulong)n;
+            while (n > 0 && !left.IsEmpty && n >= left[0].Length)
+            {
+                n -= left[0].Length;
+                left = left[1..];
+            }
+            if (n > 0)
+                left[0] = left[0].Skip((int)n);
+        }
+    }
+
+    [LibraryImport("libc", SetLastError = true)]
+    private static partial nint preadv(int fd, NativeBuffer* iov, int iovcnt, long offset);
+
+    [LibraryImport("libc", SetLastError = true)]
+    private static partial nint pwritev(int fd, NativeBuffer* iov, int iovcnt, long offset);
 
     public void Flush()
     {
