@@ -112,6 +112,7 @@ public sealed class VirtioBlock : IVirtioDevice
     private readonly VirtioDeviceRuntime _runtime;
     private readonly ChainHandler _execute;
     private readonly byte[] _bounce = new byte[BounceSize];
+    private readonly NativeBuffer[] _iov;
     private readonly virtio_blk_discard_write_zeroes[] _segments = new virtio_blk_discard_write_zeroes[MaxDiscardSegments];
     private GuestMemory? _memory;
     private IReadOnlyList<VirtQueue>? _queues;
@@ -164,6 +165,7 @@ public sealed class VirtioBlock : IVirtioDevice
         _readOnly = readOnly || disk.ReadOnly;
         _queueSize = queueSize;
         _chain = new DescriptorChain(queueSize);
+        _iov = new NativeBuffer[queueSize];
         _log = log;
         _runtime = new VirtioDeviceRuntime("virtio-blk", log);
         _execute = Execute;
@@ -493,12 +495,50 @@ public sealed class VirtioBlock : IVirtioDevice
     private static bool IsBackendFailure(Exception e) =>
         e is ImageException or IOException or ObjectDisposedException or UnauthorizedAccessException or NotSupportedException;
 
+    /// <summary>
+    /// Lists the guest buffers holding <paramref name="length"/> payload bytes after the first
+    /// <paramref name="skip"/> bytes of <paramref name="segments"/> in <see cref="_iov"/>, as host
+    /// memory. False when one straddles two RAM regions (the caller then bounces it). The chain
+    /// was validated when it was popped, so every segment lies in RAM.
+    /// </summary>
+    private bool TryGather(GuestMemory memory, ReadOnlySpan<ChainSegment> segments, uint skip, uint length, out int count)
+    {
+        count = 0;
+        foreach (ChainSegment s in segments)
+        {
+            if (length == 0)
+                break;
+            if (skip >= s.Length)
+            {
+                skip -= s.Length;
+                continue;
+            }
+            uint take = Math.Min(s.Length - skip, length);
+            if (take > int.MaxValue || count == _iov.Length
+                || !memory.TryGetSpan(new GuestAddress(s.Address.Value + skip), (int)take, out Span<byte> span))
+                return false;
+            _iov[count++] = new NativeBuffer(span);
+            length -= take;
+            skip = 0;
+        }
+        return length == 0;
+    }
+
     /// <summary>Reads <paramref name="length"/> bytes of the disk at <paramref name="offset"/> into
     /// the writable buffers (the status byte excluded).</summary>
     private byte TransferIn(GuestMemory memory, ulong offset, uint length, ref uint payload)
     {
         try
         {
+            // The usual case: every buffer lies in one RAM region, so the whole request is one
+            // preadv (128 pread calls per 512 KiB request otherwise).
+            if (TryGather(memory, _chain.Writable, skip: 0, length, out int buffers))
+            {
+                _disk.ReadScattered(_iov.AsSpan(0, buffers), offset);
+                payload += length;
+                Interlocked.Add(ref _bytesRead, length);
+                return VIRTIO_BLK_S_OK;
+            }
             uint left = length;
             foreach (ChainSegment s in _chain.Writable)
             {
@@ -544,6 +584,14 @@ public sealed class VirtioBlock : IVirtioDevice
     {
         try
         {
+            if (TryGather(memory, _chain.Readable, skip: HeaderSize, length, out int buffers))
+            {
+                _disk.WriteGathered(_iov.AsSpan(0, buffers), offset);
+                if (_writeThrough)
+                    _disk.Flush();
+                Interlocked.Add(ref _bytesWritten, length);
+                return VIRTIO_BLK_S_OK;
+            }
             uint skip = HeaderSize;
             foreach (ChainSegment s in _chain.Readable)
             {
