@@ -6,7 +6,8 @@ namespace KvmSharp.IntegrationTests;
 
 /// <summary>
 /// One boot of guest (a) with PCI devices: a read-write and a read-only virtio-blk disk (ext4 made on
-/// the host with mkfs.ext4 -d, checked afterwards with debugfs and e2fsck), virtio-rng gives entropy, virtio-net moves a file over
+/// the host with mkfs.ext4 -d, checked afterwards with debugfs and e2fsck), virtio-rng gives entropy,
+/// the balloon takes 64 MiB out of MemTotal, virtio-net moves a file over
 /// TCP to the host end of a TAP in a network namespace made by the test (the host's own network is
 /// never touched), and `poweroff` ends the VM through ACPI with exit code 0.
 /// </summary>
@@ -42,6 +43,8 @@ public class DeviceBootTests(ITestOutputHelper output)
             string script = $"""
                 echo "rng=$(cat /sys/class/misc/hw_random/rng_current)"
                 dd if=/dev/hwrng of=/tmp/r bs=64 count=1 2>/dev/null; echo "rngbytes=$(wc -c < /tmp/r)"
+                # 64 MiB balloon over virtio-pci: MemTotal is ~248500 kB without it, ~183000 kB with it.
+                for i in $(seq 300); do m=$(sed -n 's/MemTotal: *\([0-9]*\) kB/\1/p' /proc/meminfo); [ "$m" -le 200000 ] && break; sleep 1; done; echo "memtotal=$m"
                 ip link set eth0 up && ip addr add {GuestIp}/24 dev eth0
                 ping -c 2 -W 5 {HostIp} >/dev/null && echo ping=ok
                 dd if=/dev/urandom of=/tmp/f bs=1024 count=256 2>/dev/null
@@ -57,7 +60,7 @@ public class DeviceBootTests(ITestOutputHelper output)
                 """;
             using var vm = new KvmSharpProcess([
                 "ip", "netns", "exec", ns, Assets.Binary,
-                "run", "--kernel", Assets.MinimalKernel, "--initrd", Assets.Initrd, "--memory", "256M", "--rng", "--net", $"tap={Tap},mac=52:54:00:aa:bb:01",
+                "run", "--kernel", Assets.MinimalKernel, "--initrd", Assets.Initrd, "--memory", "256M", "--rng", "--balloon", "64", "--net", $"tap={Tap},mac=52:54:00:aa:bb:01",
                 "--disk", $"{rwImage},id=rootdisk", "--disk", $"{roImage},ro,id=seed",
                 "--cmdline", $"{Assets.FastCmdline} kvmsharp.run={BootTests.Encode(script)} kvmsharp.exit=poweroff"], fileName: "/usr/bin/env");
             try
@@ -72,6 +75,7 @@ public class DeviceBootTests(ITestOutputHelper output)
             string o = vm.Stdout;
             Assert.Contains("rng=virtio_rng.0", o);
             Assert.Contains("rngbytes=64", o);
+            Assert.InRange(long.Parse(Regex.Match(o, "memtotal=([0-9]+)").Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture), 248544 - 65536 - 8192, 200000);
             Assert.Contains("ping=ok", o);
             Assert.Contains("sent=ok", o);
             Assert.True(listener.WaitForExit(60_000), "host listener did not finish");
