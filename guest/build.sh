@@ -2,7 +2,7 @@
 # Build the KvmSharp test guests from pinned Debian 12 packages. See guest/README.md.
 #
 #   guest/build.sh                  build (or refresh from the cache) everything into guest/out/
-#   guest/build.sh --only initrd    just one output: minimal | distro | initrd (repeatable)
+#   guest/build.sh --only initrd    just one output: minimal | distro | initrd | kvmhost (repeatable)
 #   guest/build.sh --check          say whether guest/out/ is up to date; exit 1 if not
 #
 # Environment: KVMSHARP_CACHE (default /var/cache/kvmsharp), JOBS (default nproc),
@@ -23,12 +23,18 @@ BUILD_DEPS=(build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils km
 RECIPE_MINIMAL=1
 RECIPE_INITRD=2
 RECIPE_DISTRO=3
+RECIPE_KVMHOST=1
 
 # Distro-kernel modules for the initramfs (dependencies are added from modules.dep).
 # Not crc32c_intel: it uses the SSE4.2 crc32 instruction, which PVM's emulator cannot run
 # in ring 0; ext4 finds crc32c_generic instead.
 DISTRO_MODULES=(virtio_pci virtio_blk virtio_net virtio_rng virtio_console virtio_balloon
                 vmw_vsock_virtio_transport crc32c_generic ext4)
+
+# Modules of the nested KVM host's initramfs (guest/kvmhost-init): KVM on the emulated AMD-V CPU,
+# the host's tree over virtio-9p, the i6300esb watchdog that ends a hung L1, and TUN for the
+# network tests.
+KVMHOST_MODULES=(kvm_amd 9p 9pnet_virtio virtio_pci i6300esb tun)
 
 # Options the minimal kernel's final .config must have (checked after olddefconfig).
 MINIMAL_REQUIRED_Y=(64BIT SMP PVH PRINTK TTY SERIAL_8250 SERIAL_8250_CONSOLE BLK_DEV_INITRD
@@ -69,9 +75,9 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-[ ${#ONLY[@]} -gt 0 ] || ONLY=(initrd minimal distro)
+[ ${#ONLY[@]} -gt 0 ] || ONLY=(initrd minimal distro kvmhost)
 for t in "${ONLY[@]}"; do
-    case "$t" in minimal|distro|initrd) ;; *) die "--only: unknown output '$t' (minimal|distro|initrd)" ;; esac
+    case "$t" in minimal|distro|initrd|kvmhost) ;; *) die "--only: unknown output '$t' (minimal|distro|initrd|kvmhost)" ;; esac
 done
 wanted() { local t; for t in "${ONLY[@]}"; do [ "$t" = "$1" ] && return 0; done; return 1; }
 
@@ -83,10 +89,14 @@ key_minimal() { { echo "$RECIPE_MINIMAL $LINUX_SOURCE_PKG=$LINUX_SOURCE_VERSION"
 key_distro()  { { echo "$RECIPE_DISTRO $LINUX_IMAGE_PKG=$LINUX_IMAGE_VERSION";
                   echo "$BUSYBOX_PKG=$BUSYBOX_VERSION ${DISTRO_MODULES[*]}";
                   cat "$GUEST_DIR/init"; } | sha; }
+key_kvmhost() { { echo "$RECIPE_KVMHOST $LINUX_IMAGE_PKG=$LINUX_IMAGE_VERSION";
+                  echo "$BUSYBOX_PKG=$BUSYBOX_VERSION ${KVMHOST_MODULES[*]} $CACHE";
+                  cat "$GUEST_DIR/kvmhost-init"; } | sha; }
 
 files_initrd=(initrd.cpio)
 files_minimal=(minimal/vmlinux minimal/bzImage minimal/config minimal/System.map)
 files_distro=(distro/vmlinuz distro/initrd.cpio distro/config distro/modules.txt)
+files_kvmhost=(kvmhost/vmlinuz kvmhost/initrd.cpio kvmhost/modules-dir)
 
 # out/<what>.key holds the key the files in out/ came from.
 up_to_date() { # what key
@@ -297,9 +307,70 @@ build_minimal() {
     publish minimal "$key"
 }
 
+# ---- distro-kernel modules into an initramfs tree ----------------------------------------------
+# Copy modules (names as modprobe knows them) and their dependencies (modules.dep, depth-first:
+# deps first) from the unpacked linux-image $2 into the staged tree $1, write their names in load
+# order to $1/etc/modules and a modules.dep for just them.
+stage_modules() { # root pkgdir module...
+    local root=$1 pkg=$2 kver mdir m f name dst; shift 2
+    kver=$(ls "$pkg/lib/modules")
+    [ "$(echo "$kver" | wc -l)" = 1 ] || die "expected one kernel version in $pkg/lib/modules"
+    mdir=$pkg/lib/modules/$kver
+    [ -f "$mdir/modules.dep" ] || run depmod -b "$pkg" "$kver"
+    mkdir -p "$root/lib/modules"
+
+    # Can this kernel load compressed modules itself? Otherwise decompress them here.
+    local cfg=$pkg/boot/config-$kver decompress=1
+    grep -qx 'CONFIG_MODULE_DECOMPRESS=y' "$cfg" && decompress=0
+
+    local -A seen=()
+    local order=()
+    resolve() { # module path relative to $mdir
+        local p=$1 d
+        [ -n "${seen[$p]:-}" ] && return 0
+        seen[$p]=1
+        for d in $(sed -n "s|^${p//./\\.}: *||p" "$mdir/modules.dep"); do resolve "$d"; done
+        order+=("$p")
+    }
+    for m in "$@"; do
+        local re=${m//[-_]/[-_]}
+        if grep -Eq "/$re\.ko(\.[a-z]+)?\$" "$mdir/modules.builtin"; then
+            log "$m is built into the kernel"; continue
+        fi
+        f=$(grep -Eo "^[^:]*/$re\.ko(\.[a-z]+)?:" "$mdir/modules.dep" | head -1 | tr -d :)
+        [ -n "$f" ] || die "module $m not found in $kver"
+        resolve "$f"
+    done
+    # Modules keep their paths under /lib/modules/<release>/; busybox modprobe loads them (with
+    # dependencies) in one process.
+    : > "$root/etc/modules"
+    for f in "${order[@]}"; do
+        name=$(basename "$f"); dst=$root/lib/modules/$kver/$f
+        mkdir -p "$(dirname "$dst")"
+        case "$name" in
+            *.ko) cp "$mdir/$f" "$dst" ;;
+            *.ko.xz)  if [ $decompress = 1 ]; then xz -dc "$mdir/$f" > "${dst%.xz}"; dst=${dst%.xz}; else cp "$mdir/$f" "$dst"; fi ;;
+            *.ko.gz)  if [ $decompress = 1 ]; then gzip -dc "$mdir/$f" > "${dst%.gz}"; dst=${dst%.gz}; else cp "$mdir/$f" "$dst"; fi ;;
+            *.ko.zst) if [ $decompress = 1 ]; then zstd -qdc "$mdir/$f" > "${dst%.zst}"; dst=${dst%.zst}; else cp "$mdir/$f" "$dst"; fi ;;
+            *) die "unexpected module file $f" ;;
+        esac
+        # Drop the module signature (and debug sections): unsigned modules load with a
+        # taint, signed ones make the kernel SHA-256 + RSA-verify every module, which is
+        # slow in PVM's emulated ring 0 and may use SIMD there.
+        case "$dst" in *.ko) strip --strip-debug "$dst" ;; esac
+        name=${name%%.ko*}
+        echo "${name//-/_}" >> "$root/etc/modules"
+    done
+    touch "$root/lib/modules/$kver"/modules.{builtin,builtin.modinfo,order}
+    run depmod -b "$root" "$kver"
+    # busybox modprobe reads only modules.dep; drop the rest of depmod's output.
+    find "$root/lib/modules/$kver" -maxdepth 1 -type f ! -name modules.dep -delete
+    log "modules in load order: $(tr '\n' ' ' < "$root/etc/modules")"
+}
+
 # ---- distro kernel + initramfs with its modules ----------------------------------------------
 build_distro() {
-    local key dir pkg kver mdir root m f name
+    local key dir pkg kver root
     key=$(key_distro); dir=$CACHE/distro/$key
     if up_to_date distro "$key"; then log "distro: up to date ($key)"; return; fi
     [ -f "$dir/DONE" ] || need_root      # (then check again: another build may have made it)
@@ -308,67 +379,15 @@ build_distro() {
         command -v depmod >/dev/null && command -v cpio >/dev/null || ensure_build_deps
         pkg=$(unpack_deb "$LINUX_IMAGE_PKG" "$LINUX_IMAGE_VERSION")
         kver=$(ls "$pkg/lib/modules")
-        [ "$(echo "$kver" | wc -l)" = 1 ] || die "expected one kernel version in $pkg/lib/modules"
-        mdir=$pkg/lib/modules/$kver
-        [ -f "$mdir/modules.dep" ] || run depmod -b "$pkg" "$kver"
         rm -rf "$dir"; mkdir -p "$dir"
         root=$dir/root
         stage_busybox_root "$root"
-        mkdir -p "$root/lib/modules"
-
-        # Can this kernel load compressed modules itself? Otherwise decompress them here.
-        local cfg=$pkg/boot/config-$kver decompress=1
-        grep -qx 'CONFIG_MODULE_DECOMPRESS=y' "$cfg" && decompress=0
-
-        # Resolve DISTRO_MODULES and their dependencies (modules.dep), depth-first: deps first.
-        local -A seen=()
-        local order=()
-        resolve() { # module path relative to $mdir
-            local p=$1 d
-            [ -n "${seen[$p]:-}" ] && return 0
-            seen[$p]=1
-            for d in $(sed -n "s|^${p//./\\.}: *||p" "$mdir/modules.dep"); do resolve "$d"; done
-            order+=("$p")
-        }
-        for m in "${DISTRO_MODULES[@]}"; do
-            local re=${m//[-_]/[-_]}
-            if grep -Eq "/$re\.ko(\.[a-z]+)?\$" "$mdir/modules.builtin"; then
-                log "distro: $m is built into the kernel"; continue
-            fi
-            f=$(grep -Eo "^[^:]*/$re\.ko(\.[a-z]+)?:" "$mdir/modules.dep" | head -1 | tr -d :)
-            [ -n "$f" ] || die "distro: module $m not found in $kver"
-            resolve "$f"
-        done
-        # Modules keep their paths under /lib/modules/<release>/; modules.dep is regenerated for
-        # just these, and busybox modprobe loads them (with dependencies) in one process.
-        : > "$root/etc/modules"
-        for f in "${order[@]}"; do
-            name=$(basename "$f"); dst=$root/lib/modules/$kver/$f
-            mkdir -p "$(dirname "$dst")"
-            case "$name" in
-                *.ko) cp "$mdir/$f" "$dst" ;;
-                *.ko.xz)  if [ $decompress = 1 ]; then xz -dc "$mdir/$f" > "${dst%.xz}"; dst=${dst%.xz}; else cp "$mdir/$f" "$dst"; fi ;;
-                *.ko.gz)  if [ $decompress = 1 ]; then gzip -dc "$mdir/$f" > "${dst%.gz}"; dst=${dst%.gz}; else cp "$mdir/$f" "$dst"; fi ;;
-                *.ko.zst) if [ $decompress = 1 ]; then zstd -qdc "$mdir/$f" > "${dst%.zst}"; dst=${dst%.zst}; else cp "$mdir/$f" "$dst"; fi ;;
-                *) die "unexpected module file $f" ;;
-            esac
-            # Drop the module signature (and debug sections): unsigned modules load with a
-            # taint, signed ones make the kernel SHA-256 + RSA-verify every module, which is
-            # slow in PVM's emulated ring 0 and may use SIMD there.
-            case "$dst" in *.ko) strip --strip-debug "$dst" ;; esac
-            name=${name%%.ko*}
-            echo "${name//-/_}" >> "$root/etc/modules"
-        done
-        touch "$root/lib/modules/$kver"/modules.{builtin,builtin.modinfo,order}
-        run depmod -b "$root" "$kver"
-        # busybox modprobe reads only modules.dep; drop the rest of depmod's output.
-        find "$root/lib/modules/$kver" -maxdepth 1 -type f ! -name modules.dep -delete
-        log "distro: modules in load order: $(tr '\n' ' ' < "$root/etc/modules")"
+        stage_modules "$root" "$pkg" "${DISTRO_MODULES[@]}"
         pack_cpio "$root" "$dir/initrd.cpio"
         cp "$root/etc/modules" "$dir/modules.txt"
         rm -rf "$root"
         cp "$pkg/boot/vmlinuz-$kver" "$dir/vmlinuz"
-        cp "$cfg" "$dir/config"
+        cp "$pkg/boot/config-$kver" "$dir/config"
         echo "$kver" > "$dir/kernel-release"
         touch "$dir/DONE"
     fi
@@ -376,7 +395,36 @@ build_distro() {
     log "distro: initrd.cpio $(stat -c %s "$OUT/distro/initrd.cpio") bytes, uncompressed newc"
 }
 
+# ---- the nested KVM host (L1) for machines without /dev/kvm -----------------------------------
+# The same distro kernel, an initramfs with kvm_amd, the 9p client and the watchdog driver, whose
+# init (guest/kvmhost-init) mounts the host's tree and runs one command. scripts/kvm-host.sh boots it.
+build_kvmhost() {
+    local key dir pkg kver root
+    key=$(key_kvmhost); dir=$CACHE/kvmhost/$key
+    if up_to_date kvmhost "$key"; then log "kvmhost: up to date ($key)"; return; fi
+    [ -f "$dir/DONE" ] || need_root
+    if [ ! -f "$dir/DONE" ]; then
+        log "kvmhost: building $dir from $LINUX_IMAGE_PKG=$LINUX_IMAGE_VERSION"
+        command -v depmod >/dev/null && command -v cpio >/dev/null || ensure_build_deps
+        pkg=$(unpack_deb "$LINUX_IMAGE_PKG" "$LINUX_IMAGE_VERSION")
+        kver=$(ls "$pkg/lib/modules")
+        rm -rf "$dir"; mkdir -p "$dir"
+        root=$dir/root
+        stage_busybox_root "$root"
+        install -m 0755 "$GUEST_DIR/kvmhost-init" "$root/init"
+        stage_modules "$root" "$pkg" "${KVMHOST_MODULES[@]}"
+        pack_cpio "$root" "$dir/initrd.cpio"
+        rm -rf "$root"
+        cp "$pkg/boot/vmlinuz-$kver" "$dir/vmlinuz"
+        # The L1 binds the full module tree (tun, veth, ...) from the unpacked package in the cache.
+        echo "$pkg/lib/modules" > "$dir/modules-dir"
+        touch "$dir/DONE"
+    fi
+    publish kvmhost "$key"
+}
+
 wanted initrd  && build_initrd
 wanted minimal && build_minimal
 wanted distro  && build_distro
-log "done: $(cd "$GUEST_DIR" && ls -d out/initrd.cpio out/minimal out/distro 2>/dev/null | tr '\n' ' ')"
+wanted kvmhost && build_kvmhost
+log "done: $(cd "$GUEST_DIR" && ls -d out/initrd.cpio out/minimal out/distro out/kvmhost 2>/dev/null | tr '\n' ' ')"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what KvmSharp's build, demo and tests need on Debian 12 (run as root; idempotent).
 set -euo pipefail
-PKGS=(gcc clang zlib1g-dev libc6-dev linux-libc-dev qemu-utils e2fsprogs busybox-static cpio iproute2 acpica-tools)
+PKGS=(gcc clang zlib1g-dev libc6-dev linux-libc-dev qemu-utils e2fsprogs busybox-static cpio iproute2 acpica-tools
+      qemu-system-x86)   # the nested KVM host (scripts/kvm-host.sh) and the reference VMM
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
