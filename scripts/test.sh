@@ -67,6 +67,17 @@ if [ "$tiers" != kvm ]; then
   done
 fi
 
+if [ "$tiers" != unit ] && [ "$kvm_where" = nested ]; then
+  stamp "the nested KVM host itself"
+  scripts/test-kvm-host.sh 2>&1 | tee "$log"
+  line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | tail -n 1)
+  if [ -n "$line" ]; then
+    passed=$((passed + ${line%% passed*})); f=${line#*, }; failed=$((failed + ${f%% failed}))
+  else
+    echo "scripts/test-kvm-host.sh: no summary" >&2; failed=$((failed + 1))
+  fi
+fi
+
 if [ "$tiers" != unit ]; then
   # One nested host for both KVM tiers: it boots in ~10 s, the .NET runtime in it is emulated.
   stamp "KVM tiers ($kvm_where)"
