@@ -19,6 +19,8 @@ public enum ImageErrorKind
     BackingChain = 7,
     /// <summary>A command-line or API argument was invalid.</summary>
     InvalidArgument = 8,
+    /// <summary>Another user of the image (QEMU's lock protocol, see <see cref="ImageLock"/>) conflicts.</summary>
+    InUse = 9,
 }
 
 /// <summary>The one exception type of KvmSharp.Images: a <see cref="Kind"/>, the file, and where known the byte offset.</summary>

@@ -3,7 +3,8 @@ using Microsoft.Win32.SafeHandles;
 
 namespace KvmSharp.Images;
 
-/// <summary>A raw image: the virtual disk is the file. Positioned I/O (pread/pwrite, preadv/pwritev), so no lock is needed.</summary>
+/// <summary>A raw image: the virtual disk is the file. Positioned I/O (pread/pwrite, preadv/pwritev), so no
+/// in-process lock is needed; other processes are kept out by QEMU's file locks (<see cref="ImageLock"/>).</summary>
 public sealed unsafe partial class RawImage : IBlockDevice
 {
     // Linux's IOV_MAX: the most buffers one preadv/pwritev takes.
@@ -17,36 +18,45 @@ public sealed unsafe partial class RawImage : IBlockDevice
     public bool ReadOnly { get; }
     public string Path => _path;
 
-    private RawImage(SafeFileHandle file, string path, bool readOnly)
+    /// <summary>Takes ownership of <paramref name="file"/> (and of the locks held on it).</summary>
+    internal RawImage(SafeFileHandle file, string path, bool readOnly)
     {
         _file = file;
         _path = path;
         ReadOnly = readOnly;
-        _size = (ulong)RandomAccess.GetLength(file);
+        _size = (ulong)ImageFile.Length(file, path);
     }
 
-    /// <exception cref="ImageException">Io when the file cannot be opened.</exception>
-    public static RawImage Open(string path, bool readOnly)
+    /// <summary>Opens a raw image with QEMU's locks for a reader or a writer (<see cref="ImageLock"/>).</summary>
+    /// <exception cref="ImageException">Io when the file cannot be opened; InvalidArgument when it is not
+    /// a regular file or block device; InUse when another process's use conflicts.</exception>
+    public static RawImage Open(string path, bool readOnly, bool forceShare = false)
     {
+        var h = ImageFile.OpenLocked(path, !readOnly, forceShare, out _);
         try
         {
-            var h = File.OpenHandle(path, FileMode.Open, readOnly ? FileAccess.Read : FileAccess.ReadWrite,
-                readOnly ? FileShare.ReadWrite : FileShare.Read);
             return new RawImage(h, path, readOnly);
         }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        catch
         {
-            throw new ImageException(ImageErrorKind.Io, path, $"cannot open: {e.Message}", -1, e);
+            h.Dispose();
+            throw;
         }
     }
 
-    /// <summary>Creates (or truncates) a raw image of <paramref name="size"/> bytes, sparse.</summary>
+    /// <summary>The largest raw image: QEMU's BDRV_MAX_LENGTH (INT64_MAX aligned down to 1 GiB, the
+    /// largest request), so every byte offset of the disk fits a signed 64-bit file offset.</summary>
+    public const ulong MaxSize = 0x7FFF_FFFF_C000_0000UL;
+
+    /// <summary>Creates (or empties) a raw image of <paramref name="size"/> bytes, sparse. An existing
+    /// file is emptied only after QEMU's write lock is taken (<see cref="ImageFile.Create"/>).</summary>
+    /// <exception cref="ImageException">InvalidArgument when <paramref name="size"/> is above <see cref="MaxSize"/>; InUse; Io.</exception>
     public static void Create(string path, ulong size)
     {
-        if (size > long.MaxValue) ThrowHelper.Throw(ImageErrorKind.InvalidArgument, path, "size too large");
+        if (size > MaxSize) ThrowHelper.Throw(ImageErrorKind.InvalidArgument, path, "The image size is too large for file format 'raw'");
+        using var h = ImageFile.Create(path);
         try
         {
-            using var h = File.OpenHandle(path, FileMode.Create, FileAccess.ReadWrite);
             RandomAccess.SetLength(h, (long)size);
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
@@ -180,8 +190,9 @@ public sealed unsafe partial class RawImage : IBlockDevice
     public void Resize(ulong newSize)
     {
         if (ReadOnly) ThrowHelper.Throw(ImageErrorKind.ReadOnly, _path, "image is read-only");
-        if (newSize > long.MaxValue) ThrowHelper.Throw(ImageErrorKind.InvalidArgument, _path, "size too large");
-        RandomAccess.SetLength(_file, (long)newSize);
+        if (newSize > MaxSize) ThrowHelper.Throw(ImageErrorKind.InvalidArgument, _path, "The image size is too large for file format 'raw'");
+        try { RandomAccess.SetLength(_file, (long)newSize); }
+        catch (IOException e) { ThrowHelper.Io(_path, "resize", e); }
         _size = newSize;
     }
 

@@ -31,8 +31,11 @@ public static class Qcow2Creator
             ThrowHelper.Throw(ImageErrorKind.InvalidArgument, path, "compat=0.10 supports only refcount_bits=16 and no lazy refcounts, extended L2 or zstd");
         if (o.ExtendedL2 && cb < 14)
             ThrowHelper.Throw(ImageErrorKind.InvalidArgument, path, "extended_l2 requires a cluster size of at least 16 KiB");
-        if (o.Size > Qcow2Const.MaxVirtualSize)
-            ThrowHelper.Throw(ImageErrorKind.InvalidArgument, path, "image size too large");
+        // The L1 table addresses the whole disk and may not exceed MaxL1Bytes (qcow2.txt "l1_size";
+        // QEMU's QCOW_MAX_L1_SIZE): the largest disk grows with the cluster size, as qemu-img says.
+        ulong bytesPerL1Entry = (ulong)o.ClusterSize * (ulong)(o.ClusterSize / (o.ExtendedL2 ? 16 : 8));
+        if (o.Size > Qcow2Const.MaxVirtualSize || (o.Size + bytesPerL1Entry - 1) / bytesPerL1Entry * 8 > Qcow2Const.MaxL1Bytes)
+            ThrowHelper.Throw(ImageErrorKind.InvalidArgument, path, "The image size is too large for file format 'qcow2' (try using a larger cluster size)");
         var h = new Qcow2Header
         {
             Version = (uint)o.Version,
@@ -53,13 +56,12 @@ public static class Qcow2Creator
         BinaryPrimitives.WriteUInt64BigEndian(buf.AsSpan(o.ClusterSize), 2UL * (ulong)o.ClusterSize);
         var rb = buf.AsSpan(2 * o.ClusterSize, o.ClusterSize);
         for (ulong c = 0; c < 3; c++) Qcow2Image.SetRefcountIn(rb, c, h.RefcountOrder, 1);
+        // Emptied only once QEMU's write lock is held: never over an image someone uses.
+        using (var f = ImageFile.Create(path))
         try
         {
-            using (var f = File.OpenHandle(path, FileMode.Create, FileAccess.ReadWrite))
-            {
-                RandomAccess.Write(f, buf, 0);
-                RandomAccess.FlushToDisk(f);
-            }
+            RandomAccess.Write(f, buf, 0);
+            RandomAccess.FlushToDisk(f);
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {

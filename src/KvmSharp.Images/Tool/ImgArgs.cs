@@ -64,7 +64,12 @@ internal sealed class ImgArgs
 
     public static ImageException Bad(string message) => new(ImageErrorKind.InvalidArgument, null, message);
 
-    /// <summary>qemu size syntax: a number with optional k/K, M, G, T, P, E suffix (binary); fractions allowed.</summary>
+    /// <summary>The largest size any size argument may give: qemu-img takes sizes as int64_t.</summary>
+    public const ulong MaxSize = long.MaxValue;
+
+    /// <summary>qemu size syntax: a number with optional k/K, M, G, T, P, E suffix (binary); fractions
+    /// allowed. Refused, as qemu-img does, above <see cref="MaxSize"/>: callers add and round sizes,
+    /// which must not wrap (18446744073709551615 rounded up to a sector is 0).</summary>
     public static ulong ParseSize(string s)
     {
         s = s.Trim();
@@ -75,16 +80,34 @@ internal sealed class ImgArgs
         if (shift >= 0) { mult = 1UL << shift; s = s[..^1]; }
         if (ulong.TryParse(s, NumberStyles.None, CultureInfo.InvariantCulture, out ulong n))
         {
-            if (n > ulong.MaxValue / mult) throw Bad("size too large");
+            if (n > MaxSize / mult) throw TooLarge();
             return n * mult;
         }
         if (double.TryParse(s, NumberStyles.AllowDecimalPoint, CultureInfo.InvariantCulture, out double d) && d >= 0)
         {
             double v = d * mult;
-            if (v >= 1.8e19) throw Bad("size too large");
+            if (!(v < 9223372036854775808.0)) throw TooLarge(); // 2^63; also NaN and infinity
             return (ulong)v;
         }
         throw Bad($"invalid size '{s}'");
+    }
+
+    private static ImageException TooLarge() => Bad($"Invalid image size specified. Must be between 0 and {MaxSize}.");
+
+    /// <summary>A size that must fit an int (buffer sizes): range-checked, never truncated.</summary>
+    public static int ParseSize(string s, string what, int min, int max)
+    {
+        ulong v = ParseSize(s);
+        if (v < (ulong)min || v > (ulong)max) throw Bad($"Invalid {what} specified. Must be between {min} and {max}.");
+        return (int)v;
+    }
+
+    /// <summary>A count: decimal, in [min, max], else one line naming the option.</summary>
+    public static int ParseInt(string s, string what, int min, int max)
+    {
+        if (!int.TryParse(s, NumberStyles.AllowLeadingSign, CultureInfo.InvariantCulture, out int v) || v < min || v > max)
+            throw Bad($"Invalid {what} specified. Must be between {min} and {max}.");
+        return v;
     }
 
     /// <summary>qemu's size_to_str: three significant digits in the largest unit below 1000.</summary>

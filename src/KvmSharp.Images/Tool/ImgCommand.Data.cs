@@ -85,7 +85,7 @@ public static partial class ImgCommand
         var a = ImgArgs.Parse(args, new[] { "f", "output", "start-offset", "max-length", "object" }, new[] { "U", "image-opts", "force-share" });
         string path = One(a, "image");
         string output = a.Get("output") ?? "human";
-        using var dev = BlockDeviceFactory.Open(path, true, a.Get("f"));
+        using var dev = BlockDeviceFactory.Open(path, true, a.Get("f"), openBacking: true, forceShare: ForceShare(a));
         if (output == "json")
         {
             bool first = true;
@@ -127,7 +127,13 @@ public static partial class ImgCommand
         bool compress = a.Has("c");
         bool progress = a.Has("p") && !a.Has("q");
         if (compress && ofmt != "qcow2") throw ImgArgs.Bad("Compression not supported for this file format");
-        using var s = BlockDeviceFactory.Open(src, true, a.Get("f"));
+        var sourceFiles = new HashSet<FileId>();
+        using var s = BlockDeviceFactory.Open(src, true, a.Get("f"), openBacking: true, forceShare: ForceShare(a), chain: sourceFiles);
+        // Writing into the source (or a file of its backing chain) would destroy what is being read:
+        // compared by device and inode, so hard links and other names of the same file count. Without
+        // -U the locks refuse it too (our reader unshares write); with -U only this check does.
+        if (ImageFile.Identify(dst) is { } dstId && sourceFiles.Contains(dstId))
+            throw new ImageException(ImageErrorKind.InvalidArgument, dst, "the output file is the input image or a file of its backing chain");
         ulong size = s.Size;
         if (!a.Has("n"))
         {
@@ -138,7 +144,7 @@ public static partial class ImgCommand
             int rc = Create(createArgs.ToArray(), TextWriter.Null);
             if (rc != 0) return rc;
         }
-        using var d = BlockDeviceFactory.Open(dst, false, ofmt, openBacking: false);
+        using var d = BlockDeviceFactory.Open(dst, false, ofmt, openBacking: false, chain: sourceFiles);
         if (d.Size < size) throw new ImageException(ImageErrorKind.InvalidArgument, dst, "output image is smaller than the source");
         var q = d as Qcow2Image;
         // qemu-img convert writes the target with cache=unsafe unless -t says otherwise: no fsync.
@@ -271,7 +277,16 @@ public static partial class ImgCommand
             basePath = BlockDeviceFactory.ResolveBackingPath(path, top.Header.BackingFile);
             baseFmt = top.Header.BackingFormat;
             topSize = top.Size;
-            using var b = BlockDeviceFactory.Open(basePath, false, baseFmt);
+            // The base (and its chain) must not be the overlay itself, under any name: committing an
+            // image into itself and then emptying it would lose its data.
+            var files = new HashSet<FileId>();
+            if (ImageFile.Identify(path) is { } topId)
+            {
+                if (ImageFile.Identify(basePath) == topId)
+                    throw new ImageException(ImageErrorKind.BackingChain, path, "backing chain loops back to this file");
+                files.Add(topId);
+            }
+            using var b = BlockDeviceFactory.Open(basePath, false, baseFmt, openBacking: true, chain: files);
             if (b.Size < topSize)
             {
                 if (b is RawImage rb) rb.Resize(topSize);
@@ -325,11 +340,13 @@ public static partial class ImgCommand
         string fmt = a.Get("f") ?? BlockDeviceFactory.Probe(path);
         if (fmt != "qcow2") throw new ImageException(ImageErrorKind.UnsupportedFeature, path, "rebase needs a qcow2 image");
         string? name = newName.Length == 0 ? null : newName;
-        if (name is not null && newFmt is null)
-        {
-            string bp = BlockDeviceFactory.ResolveBackingPath(path, name);
-            if (File.Exists(bp)) newFmt = BlockDeviceFactory.Probe(bp);
-        }
+        string? newPath = name is null ? null : BlockDeviceFactory.ResolveBackingPath(path, name);
+        // An image cannot be its own backing file, by any name (qemu-img -u would write the loop).
+        FileId? topId = ImageFile.Identify(path);
+        if (newPath is not null && topId is not null && ImageFile.Identify(newPath) == topId)
+            throw new ImageException(ImageErrorKind.BackingChain, path, "cannot rebase an image onto itself");
+        if (newPath is not null && newFmt is null && File.Exists(newPath))
+            newFmt = BlockDeviceFactory.Probe(newPath);
         if (a.Has("u"))
         {
             using var t = BlockDeviceFactory.OpenQcow2(path, false);
@@ -338,9 +355,12 @@ public static partial class ImgCommand
             return 0;
         }
         // Safe mode: copy into the overlay every cluster it does not hold whose content differs between
-        // the old and the new backing chain, then switch the header.
-        using var top = (Qcow2Image)BlockDeviceFactory.Open(path, false, "qcow2");
-        using IBlockDevice? nb = name is null ? null : BlockDeviceFactory.Open(BlockDeviceFactory.ResolveBackingPath(path, name), true, newFmt);
+        // the old and the new backing chain, then switch the header. The new chain must not contain
+        // the overlay (that loop would make it read itself).
+        bool share = ForceShare(a);
+        using var top = (Qcow2Image)BlockDeviceFactory.Open(path, false, "qcow2", openBacking: true, forceShare: share);
+        var files = topId is { } tid ? new HashSet<FileId> { tid } : new HashSet<FileId>();
+        using IBlockDevice? nb = newPath is null ? null : BlockDeviceFactory.Open(newPath, true, newFmt, openBacking: true, forceShare: share, chain: files);
         int cs = top.ClusterSize;
         var oldBuf = new byte[cs];
         var newBuf = new byte[cs];
@@ -388,16 +408,16 @@ public static partial class ImgCommand
         }
         else if (a.Positional.Count != 1) throw ImgArgs.Bad("Expecting image file name and size");
         string path = a.Positional[0];
+        // Parsed before the image is opened: a bad size touches nothing.
+        char sign = sizeArg[0] is '+' or '-' ? sizeArg[0] : ' ';
+        ulong amount = ImgArgs.ParseSize(sign == ' ' ? sizeArg : sizeArg[1..]); // <= INT64_MAX
         using var dev = BlockDeviceFactory.Open(path, false, a.Get("f"), openBacking: false);
         ulong cur = dev.Size, target;
-        if (sizeArg[0] == '+') target = checked(cur + ImgArgs.ParseSize(sizeArg[1..]));
-        else if (sizeArg[0] == '-')
-        {
-            ulong d = ImgArgs.ParseSize(sizeArg[1..]);
-            if (d > cur) throw ImgArgs.Bad("New image size must be positive");
-            target = cur - d;
-        }
-        else target = ImgArgs.ParseSize(sizeArg);
+        if (sign == '+') target = cur + amount; // both < 2^63: no wrap
+        else if (sign == '-') target = amount >= cur ? 0 : cur - amount;
+        else target = amount;
+        if (target == 0) throw ImgArgs.Bad("New image size must be positive");
+        if (target > ImgArgs.MaxSize - 511) throw ImgArgs.Bad($"Invalid image size specified. Must be between 0 and {ImgArgs.MaxSize}.");
         target = (target + 511) & ~511UL;
         if (target < cur && !a.Has("shrink"))
             throw new ImageException(ImageErrorKind.InvalidArgument, path, "Use the --shrink option to perform a shrink operation.");
@@ -414,8 +434,9 @@ public static partial class ImgCommand
         var a = ImgArgs.Parse(args, new[] { "f", "F", "T", "object" }, new[] { "p", "q", "s", "U", "image-opts", "force-share" });
         if (a.Positional.Count != 2) throw ImgArgs.Bad("Expecting two image file names");
         bool quiet = a.Has("q");
-        using var d1 = BlockDeviceFactory.Open(a.Positional[0], true, a.Get("f"));
-        using var d2 = BlockDeviceFactory.Open(a.Positional[1], true, a.Get("F"));
+        bool share = ForceShare(a);
+        using var d1 = BlockDeviceFactory.Open(a.Positional[0], true, a.Get("f"), openBacking: true, forceShare: share);
+        using var d2 = BlockDeviceFactory.Open(a.Positional[1], true, a.Get("F"), openBacking: true, forceShare: share);
         ulong common = Math.Min(d1.Size, d2.Size);
         var b1 = new byte[1 << 20];
         var b2 = new byte[1 << 20];
@@ -473,18 +494,19 @@ public static partial class ImgCommand
         var a = ImgArgs.Parse(args, new[] { "c", "d", "f", "flush-interval", "i", "o", "pattern", "s", "S", "t", "object" }, new[] { "n", "no-drain", "q", "w", "U", "image-opts", "force-share", "wrap-usable" });
         string path = One(a, "image");
         bool usableWrap = a.Has("wrap-usable");
-        int count = int.Parse(a.Get("c") ?? "75000", CultureInfo.InvariantCulture);
-        int depth = int.Parse(a.Get("d") ?? "64", CultureInfo.InvariantCulture);
+        // Every number range-checked before use, never truncated (-s 4294967808 is not 512).
+        int count = ImgArgs.ParseInt(a.Get("c") ?? "75000", "request count", 1, int.MaxValue);
+        int depth = ImgArgs.ParseInt(a.Get("d") ?? "64", "queue depth", 1, 4096);
         ulong offset = a.Get("o") is { } os ? ImgArgs.ParseSize(os) : 0;
-        int size = (int)(a.Get("s") is { } ss ? ImgArgs.ParseSize(ss) : 4096);
+        int size = a.Get("s") is { } ss ? ImgArgs.ParseSize(ss, "buffer size", 1, 1 << 30) : 4096;
         ulong step = a.Get("S") is { } st ? ImgArgs.ParseSize(st) : (ulong)size;
-        int flushInterval = int.Parse(a.Get("flush-interval") ?? "0", CultureInfo.InvariantCulture);
-        byte pattern = (byte)int.Parse(a.Get("pattern") ?? "0", CultureInfo.InvariantCulture);
+        int flushInterval = ImgArgs.ParseInt(a.Get("flush-interval") ?? "0", "flush interval", 0, int.MaxValue);
+        byte pattern = (byte)ImgArgs.ParseInt(a.Get("pattern") ?? "0", "pattern", 0, 255);
         bool write = a.Has("w");
         string cache = a.Get("t") ?? "writeback";
         if (cache != "writeback")
             throw ImgArgs.Bad($"bench: cache mode '{cache}' is not supported (only writeback; O_DIRECT is not implemented)");
-        using var dev = BlockDeviceFactory.Open(path, !write, a.Get("f"));
+        using var dev = BlockDeviceFactory.Open(path, !write, a.Get("f"), openBacking: true, forceShare: ForceShare(a));
         ulong imageSize = dev.Size;
         var buf = GC.AllocateArray<byte>(size, pinned: true);
         if (write) buf.AsSpan().Fill(pattern);

@@ -77,6 +77,10 @@ public static partial class ImgCommand
 
         """;
 
+    /// <summary>-U / --force-share (qemu-img): read-only images take no write or resize lock bytes,
+    /// so they open while another process writes them (at the reader's own risk).</summary>
+    private static bool ForceShare(ImgArgs a) => a.Has("U") || a.Has("force-share");
+
     private static string One(ImgArgs a, string what)
     {
         if (a.Positional.Count != 1) throw ImgArgs.Bad($"Expecting one {what} name");
@@ -99,7 +103,13 @@ public static partial class ImgCommand
             switch (k)
             {
                 case "size": size = ImgArgs.ParseSize(v); break;
-                case "cluster_size": opts.ClusterSize = (int)ImgArgs.ParseSize(v); break;
+                case "cluster_size":
+                    // Range-checked before narrowing: 4294967808 must not become 512.
+                    ulong cs = ImgArgs.ParseSize(v);
+                    if (cs < 1UL << Qcow2Const.MinClusterBits || cs > 1UL << Qcow2Const.MaxClusterBits || (cs & (cs - 1)) != 0)
+                        throw ImgArgs.Bad("Cluster size must be a power of two between 512 and 2048k");
+                    opts.ClusterSize = (int)cs;
+                    break;
                 case "lazy_refcounts": opts.LazyRefcounts = OnOff(k, v); break;
                 case "extended_l2": opts.ExtendedL2 = OnOff(k, v); break;
                 case "refcount_bits": opts.RefcountBits = int.Parse(v, Inv); break;
@@ -117,19 +127,12 @@ public static partial class ImgCommand
             }
         }
         if (fmt != "raw" && fmt != "qcow2") throw ImgArgs.Bad($"Unknown file format '{fmt}'");
-        if (opts.BackingFile is not null)
-        {
-            if (fmt != "qcow2") throw ImgArgs.Bad($"Backing file not supported for file format '{fmt}'");
-            string bpath = BlockDeviceFactory.ResolveBackingPath(path, opts.BackingFile);
-            if (!a.Has("u") || size is null)
-            {
-                opts.BackingFormat ??= BlockDeviceFactory.Probe(bpath);
-                using var b = BlockDeviceFactory.Open(bpath, true, opts.BackingFormat);
-                size ??= b.Size;
-            }
-        }
+        if (opts.BackingFile is not null && fmt != "qcow2") throw ImgArgs.Bad($"Backing file not supported for file format '{fmt}'");
+        // Held open (as a reader, unsharing write) until the new image exists, as qemu-img does.
+        using IBlockDevice? backing = opts.BackingFile is null ? null : OpenNewBacking(path, opts, a.Has("u") && size is not null);
+        size ??= backing?.Size;
         if (size is null) throw ImgArgs.Bad("Image creation needs a size parameter");
-        ulong sz = (size.Value + 511) & ~511UL;
+        ulong sz = (size.Value + 511) & ~511UL; // size <= INT64_MAX (ParseSize): no wrap
         if (fmt == "raw")
         {
             if (!a.Has("q")) o.WriteLine($"Formatting '{path}', fmt=raw size={sz}");
@@ -151,6 +154,34 @@ public static partial class ImgCommand
         return 0;
     }
 
+    /// <summary>
+    /// Checks that the new image is not its own backing file nor in that file's chain (creating it
+    /// would empty the data it is meant to sit on), by device and inode as well as by name, and opens
+    /// the backing chain unless <paramref name="unsafeMode"/> (-u with a size) says not to look.
+    /// </summary>
+    private static IBlockDevice? OpenNewBacking(string path, Qcow2CreateOptions opts, bool unsafeMode)
+    {
+        string bpath = BlockDeviceFactory.ResolveBackingPath(path, opts.BackingFile!);
+        if (Path.GetFullPath(bpath) == Path.GetFullPath(path))
+            throw new ImageException(ImageErrorKind.InvalidArgument, path, "Error: Trying to create an image with the same filename as the backing file");
+        FileId? target = ImageFile.Identify(path);
+        if (unsafeMode)
+        {
+            if (target is not null && ImageFile.Identify(bpath) == target)
+                throw new ImageException(ImageErrorKind.InvalidArgument, path, "Error: Trying to create an image with the same filename as the backing file");
+            return null;
+        }
+        opts.BackingFormat ??= BlockDeviceFactory.Probe(bpath);
+        var chain = new HashSet<FileId>();
+        var b = BlockDeviceFactory.Open(bpath, true, opts.BackingFormat, openBacking: true, chain: chain);
+        if (target is { } t && chain.Contains(t))
+        {
+            b.Dispose();
+            throw new ImageException(ImageErrorKind.InvalidArgument, path, "Error: the new image would be its own backing file (it is in the backing chain of " + opts.BackingFile + ")");
+        }
+        return b;
+    }
+
     private static bool OnOff(string k, string v) => v switch
     {
         "on" or "true" or "yes" => true,
@@ -166,18 +197,19 @@ public static partial class ImgCommand
         string path = One(a, "image");
         string output = a.Get("output") ?? "human";
         bool chain = a.Has("backing-chain");
+        bool share = ForceShare(a);
         var infos = new List<(string Path, string Fmt)>();
         string? fmt = a.Get("f");
         string cur = path;
-        var seen = new HashSet<string>(StringComparer.Ordinal);
+        var seen = new HashSet<FileId>();
         while (true)
         {
-            if (!seen.Add(Path.GetFullPath(cur)) || infos.Count > Qcow2Const.MaxBackingDepth)
+            if (ImageFile.Identify(cur) is { } id && !seen.Add(id) || infos.Count > Qcow2Const.MaxBackingDepth)
                 throw new ImageException(ImageErrorKind.BackingChain, cur, "backing chain loops or is too deep");
             string f = fmt ?? BlockDeviceFactory.Probe(cur);
             infos.Add((cur, f));
             if (!chain || f != "qcow2") break;
-            using var q = BlockDeviceFactory.OpenQcow2(cur, true);
+            using var q = BlockDeviceFactory.OpenQcow2(cur, true, forceShare: share);
             if (q.Header.BackingFile is null) break;
             fmt = q.Header.BackingFormat;
             cur = BlockDeviceFactory.ResolveBackingPath(cur, q.Header.BackingFile);
@@ -188,7 +220,7 @@ public static partial class ImgCommand
             using (var w = new Utf8JsonWriter(ms, new JsonWriterOptions { Indented = true, IndentSize = 4 }))
             {
                 if (chain) w.WriteStartArray();
-                foreach (var (p, f) in infos) WriteInfoJson(w, p, f);
+                foreach (var (p, f) in infos) WriteInfoJson(w, p, f, share);
                 if (chain) w.WriteEndArray();
             }
             o.WriteLine(Encoding.UTF8.GetString(ms.ToArray()));
@@ -198,25 +230,26 @@ public static partial class ImgCommand
             for (int i = 0; i < infos.Count; i++)
             {
                 if (i > 0) o.WriteLine();
-                WriteInfoHuman(o, infos[i].Path, infos[i].Fmt);
+                WriteInfoHuman(o, infos[i].Path, infos[i].Fmt, share);
             }
         }
         else throw ImgArgs.Bad($"--output must be used with human or json as argument.");
         return 0;
     }
 
-    private static void WriteInfoHuman(TextWriter o, string path, string fmt)
+    private static void WriteInfoHuman(TextWriter o, string path, string fmt, bool share)
     {
         o.WriteLine($"image: {path}");
         o.WriteLine($"file format: {fmt}");
         if (fmt == "raw")
         {
-            using var r = RawImage.Open(path, true);
+            // qemu-img info reads nothing of a raw image (BDRV_O_NO_IO), so it conflicts with no user.
+            using var r = RawImage.Open(path, true, forceShare: true);
             o.WriteLine($"virtual size: {ImgArgs.HumanSize(r.Size)} ({r.Size} bytes)");
             o.WriteLine($"disk size: {ImgArgs.HumanSize((ulong)HostFile.AllocatedBytes(path))}");
             return;
         }
-        using var q = BlockDeviceFactory.OpenQcow2(path, true);
+        using var q = BlockDeviceFactory.OpenQcow2(path, true, forceShare: share);
         var h = q.Header;
         o.WriteLine($"virtual size: {ImgArgs.HumanSize(q.Size)} ({q.Size} bytes)");
         o.WriteLine($"disk size: {ImgArgs.HumanSize((ulong)HostFile.AllocatedBytes(path))}");
@@ -247,12 +280,12 @@ public static partial class ImgCommand
 
     private static string Bool(bool b) => b ? "true" : "false";
 
-    private static void WriteInfoJson(Utf8JsonWriter w, string path, string fmt)
+    private static void WriteInfoJson(Utf8JsonWriter w, string path, string fmt, bool share)
     {
         w.WriteStartObject();
         if (fmt == "raw")
         {
-            using var r = RawImage.Open(path, true);
+            using var r = RawImage.Open(path, true, forceShare: true);
             w.WriteNumber("virtual-size", r.Size);
             w.WriteString("filename", path);
             w.WriteString("format", "raw");
@@ -261,7 +294,7 @@ public static partial class ImgCommand
             w.WriteEndObject();
             return;
         }
-        using var q = BlockDeviceFactory.OpenQcow2(path, true);
+        using var q = BlockDeviceFactory.OpenQcow2(path, true, forceShare: share);
         var h = q.Header;
         if (h.NbSnapshots > 0)
         {
@@ -332,7 +365,7 @@ public static partial class ImgCommand
             return 63;
         }
         Qcow2Check.Result r;
-        using (var q = OpenForCheck(path, mode != Qcow2Check.RepairMode.None))
+        using (var q = OpenForCheck(path, mode != Qcow2Check.RepairMode.None, ForceShare(a)))
         {
             r = Qcow2Check.Run(q, mode);
             if (mode == Qcow2Check.RepairMode.All && r.Corruptions == 0 && (q.Header.Incompatible & (Qcow2Const.IncompatCorrupt | Qcow2Const.IncompatDirty)) != 0)
@@ -403,9 +436,9 @@ public static partial class ImgCommand
         return 0;
     }
 
-    private static Qcow2Image OpenForCheck(string path, bool write)
+    private static Qcow2Image OpenForCheck(string path, bool write, bool share)
     {
-        if (!write) return BlockDeviceFactory.OpenQcow2(path, true);
+        if (!write) return BlockDeviceFactory.OpenQcow2(path, true, forceShare: share);
         return BlockDeviceFactory.OpenQcow2(path, false, allowCorrupt: true);
     }
 
@@ -420,7 +453,7 @@ public static partial class ImgCommand
         if (!a.Has("l")) throw ImgArgs.Bad("snapshot: one of -l, -a, -c, -d is required");
         string fmt = a.Get("f") ?? BlockDeviceFactory.Probe(path);
         if (fmt != "qcow2") return 0;
-        using var q = BlockDeviceFactory.OpenQcow2(path, true);
+        using var q = BlockDeviceFactory.OpenQcow2(path, true, forceShare: ForceShare(a));
         var list = Qcow2Snapshots.Read(q, out _);
         if (list.Count == 0) return 0;
         o.WriteLine("Snapshot list:");
