@@ -929,12 +929,23 @@ public sealed class Qcow2Image : IBlockDevice
         {
             // The whole range is a reserved run (a long table being placed): put the block right after
             // the run, in a later range, and extend the run over it so nothing else claims it.
-            if (_reservedEnd < first + count)
-                ThrowHelper.Throw(ImageErrorKind.UnsupportedFeature, _path, "no room for a refcount block", -1);
-            place = _reservedEnd;
-            while (GetRefcount(place) != 0 || Reserved(place)) place++;
-            _reservedEnd = place + 1;
+            if (_reservedEnd >= first + count)
+            {
+                place = _reservedEnd;
+                while (GetRefcount(place) != 0 || Reserved(place)) place++;
+                _reservedEnd = place + 1;
+            }
+            else
+            {
+                // Repair after an unreadable block was dropped: every cluster of the range is referenced.
+                // The block goes to the first free cluster elsewhere, counted in that range's block.
+                place = Math.Max(_freeHint, 1);
+                while (place >= first && place < first + count || GetRefcount(place) != 0 || Reserved(place)) place++;
+            }
         }
+        // During repair the new block is metadata the computed references did not know: count it, so
+        // nothing else is placed there and the repair does not "fix" its refcount back to 0.
+        if (_repairInUse is { } inUse && place < inUse.Clusters) inUse.Increment(place);
         ulong off = place << _cb;
         int slot = _rb.Victim();
         if (_rb.IsDirty(slot)) WriteRefblock(slot);
