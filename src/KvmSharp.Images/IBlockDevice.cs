@@ -30,6 +30,21 @@ public interface IBlockDevice : IDisposable
     void WriteZeroes(ulong offset, ulong length);
 
     /// <summary>
+    /// What this layer holds from <paramref name="offset"/> on, and how far that extends (at most
+    /// <paramref name="maxLength"/> bytes, never past <see cref="Size"/>). Callers walk an image extent by
+    /// extent, so a run of unallocated or zero clusters costs one call, not one per cluster: the time of
+    /// map, compare, convert and commit follows the image's metadata, not its virtual size.
+    /// </summary>
+    /// <exception cref="ImageException">OutOfBounds when <paramref name="offset"/> is not below <see cref="Size"/>
+    /// or <paramref name="maxLength"/> is 0; Corrupt when the metadata describing the range is invalid.</exception>
+    BlockExtent GetBlockStatus(ulong offset, ulong maxLength)
+    {
+        if (offset >= Size || maxLength == 0)
+            ThrowHelper.Throw(ImageErrorKind.OutOfBounds, null, $"block status at {offset} beyond disk size {Size}", (long)Math.Min(offset, long.MaxValue));
+        return new BlockExtent(BlockState.Data, Math.Min(maxLength, Size - offset));
+    }
+
+    /// <summary>
     /// Reads consecutive bytes from <paramref name="offset"/> into each buffer in turn (a virtio-blk
     /// request's scattered guest pages). Formats that can do it in one system call override this.
     /// </summary>

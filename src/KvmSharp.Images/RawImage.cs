@@ -196,6 +196,15 @@ public sealed unsafe partial class RawImage : IBlockDevice
         _size = newSize;
     }
 
+    /// <inheritdoc/>
+    /// <remarks>Trivial: the whole file is data at its own offset (holes are not looked up).</remarks>
+    public BlockExtent GetBlockStatus(ulong offset, ulong maxLength)
+    {
+        if (offset >= _size || maxLength == 0)
+            ThrowHelper.Throw(ImageErrorKind.OutOfBounds, _path, $"block status at {offset} beyond disk size {_size}", (long)Math.Min(offset, long.MaxValue));
+        return new BlockExtent(BlockState.Data, Math.Min(maxLength, _size - offset), offset);
+    }
+
     /// <summary>Bytes actually allocated on the host (st_blocks*512) when known.</summary>
     public long FileLength => RandomAccess.GetLength(_file);
 

@@ -3,6 +3,12 @@ using System.Buffers.Binary;
 namespace KvmSharp.Images.Qcow2;
 
 /// <summary>Consistency check and repair of refcounts, as qemu-img check (QEMU block/qcow2-refcount.c semantics).</summary>
+/// <remarks>
+/// Resource bounds: the computed references live in a <see cref="RefcountMap"/> (pages only where a
+/// cluster is referenced, entries as wide as the image's refcounts), and messages stream to the caller's
+/// writer instead of being kept. Time is O(metadata + refcount blocks present): each refcount block is
+/// compared with its page once; a block that cannot be read is reported once and its range skipped.
+/// </remarks>
 internal static class Qcow2Check
 {
     public enum RepairMode { None, Leaks, All }
@@ -14,101 +20,156 @@ internal static class Qcow2Check
         public int CorruptionsFixed;
         public int LeaksFixed;
         public int CheckErrors;
-        public readonly List<string> Messages = new();
         public ulong TotalClusters;
         public ulong AllocatedClusters;
         public ulong FragmentedClusters;
         public ulong CompressedClusters;
         public ulong ImageEndOffset;
+
+        /// <summary>Where messages go as they are found (qemu-img prints them to stderr); null drops them.</summary>
+        public TextWriter? Log;
+
+        public void Report(string message) => Log?.WriteLine(message);
+
+        public void Corrupt(string message)
+        {
+            Report(message);
+            Corruptions++;
+        }
     }
 
-    /// <summary>Largest image we check in memory: 2^28 clusters (1 GiB of counters).</summary>
-    private const ulong MaxCheckedClusters = 1UL << 28;
+    /// <summary>qemu-img check refuses files over INT_MAX clusters ("File too large").</summary>
+    private const ulong MaxCheckedClusters = int.MaxValue;
 
-    public static Result Run(Qcow2Image img, RepairMode mode)
+    public static Result Run(Qcow2Image img, RepairMode mode, TextWriter? log = null)
     {
         lock (img.SyncRoot)
         {
             if (!img.ReadOnly) img.FlushMetadata();
-            var r = Scan(img);
+            var r = Scan(img, log, out RefcountMap refs);
             if (mode == RepairMode.None || img.ReadOnly || (r.Leaks == 0 && r.Corruptions == 0)) return r;
             if (img.Header.HasBitmapsExtension && (img.Header.Autoclear & Qcow2Const.AutoclearBitmaps) != 0)
                 ThrowHelper.Throw(ImageErrorKind.UnsupportedFeature, img.Path, "cannot repair an image with persistent bitmaps");
-            var refs = Count(img, null, out _);
-            var inUse = new bool[refs.Length];
-            for (int i = 0; i < refs.Length; i++) inUse[i] = refs[i] > 0;
-            img.RepairInUse = inUse;
             int fixedLeaks = 0, fixedCorrupt = 0;
+            img.RepairInUse = refs; // clusters the metadata references are never handed out while repairing
             try
             {
-                ulong n = (ulong)refs.Length;
-                for (ulong ci = 0; ci < n; ci++)
+                if (mode == RepairMode.All)
                 {
-                    ulong rc = img.GetRefcount(ci);
-                    ulong rf = refs[ci];
-                    if (rc == rf) continue;
-                    if (rc > rf)
+                    // A refcount table entry naming an unreadable block: forget it; the range's refcounts are
+                    // rebuilt below into a fresh block (qemu resizes the file to reach it; the effect is the same).
+                    var rt = img.RefcountTable;
+                    for (ulong rti = 0; rti < (ulong)rt.Length; rti++)
                     {
-                        r.Messages.Add($"Repairing cluster {ci} refcount={rc} reference={rf}");
-                        img.SetRefcount(ci, rf);
-                        fixedLeaks++;
-                    }
-                    else if (mode == RepairMode.All)
-                    {
-                        r.Messages.Add($"Repairing cluster {ci} refcount={rc} reference={rf}");
-                        img.SetRefcount(ci, rf);
+                        ulong b = rt[rti] & Qcow2Const.OffsetMask;
+                        if (b == 0 || img.RefblockUsable(b)) continue;
+                        r.Report($"Repairing refcount block {rti} at 0x{b:x}: dropped, its refcounts are rebuilt");
+                        img.DropRefblock(rti);
                         fixedCorrupt++;
+                    }
+                }
+                for (ulong page = 0; page < refs.PageCount; page++)
+                {
+                    var rtNow = img.RefcountTable; // refcount-table growth replaces the array
+                    ulong b = page < (ulong)rtNow.Length ? rtNow[page] & Qcow2Const.OffsetMask : 0;
+                    if (b == 0 && refs.Page(page).IsEmpty) continue; // nothing counted, nothing on disk
+                    if (b != 0 && !img.RefblockUsable(b)) continue; // -r leaks leaves unreadable blocks alone
+                    ulong first = page << refs.PageBits;
+                    ulong last = Math.Min(refs.Clusters, first + (1UL << refs.PageBits));
+                    for (ulong ci = first; ci < last; ci++)
+                    {
+                        ulong rc = img.GetRefcount(ci);
+                        ulong rf = refs.Get(ci);
+                        if (rc == rf) continue;
+                        if (rc > rf)
+                        {
+                            r.Report($"Repairing cluster {ci} refcount={rc} reference={rf}");
+                            img.SetRefcount(ci, rf);
+                            fixedLeaks++;
+                        }
+                        else if (mode == RepairMode.All)
+                        {
+                            r.Report($"Repairing cluster {ci} refcount={rc} reference={rf}");
+                            img.SetRefcount(ci, rf);
+                            fixedCorrupt++;
+                        }
                     }
                 }
                 img.FlushMetadata();
             }
             finally { img.RepairInUse = null; }
-            var after = Scan(img);
-            after.Messages.InsertRange(0, r.Messages);
+            var after = Scan(img, log, out _);
             after.LeaksFixed = fixedLeaks;
             after.CorruptionsFixed = fixedCorrupt;
             return after;
         }
     }
 
-    private static Result Scan(Qcow2Image img)
+    private static Result Scan(Qcow2Image img, TextWriter? log, out RefcountMap refs)
     {
-        var r = new Result();
-        var refs = Count(img, r, out ulong highest);
-        ulong n = (ulong)refs.Length;
-        // Refcounts on disk against references found.
-        ulong highestRc = 0;
-        for (ulong ci = 0; ci < n; ci++)
-        {
-            ulong rc;
-            try { rc = img.GetRefcount(ci); }
-            catch (ImageException e) when (e.Kind == ImageErrorKind.Corrupt)
-            {
-                r.Messages.Add($"ERROR {e.Message}");
-                r.Corruptions++;
-                // Skip the rest of this refcount block's range.
-                continue;
-            }
-            ulong rf = refs[ci];
-            if (rc != 0) highestRc = ci;
-            if (rc == rf) continue;
-            if (rc < rf)
-            {
-                r.Messages.Add($"ERROR cluster {ci} refcount={rc} reference={rf}");
-                r.Corruptions++;
-            }
-            else
-            {
-                r.Messages.Add($"Leaked cluster {ci} refcount={rc} reference={rf}");
-                r.Leaks++;
-            }
-        }
+        var r = new Result { Log = log };
+        refs = Count(img, r, out ulong highest);
+        ulong highestRc = CompareRefcounts(img, r, refs);
         // QCOW_OFLAG_COPIED must be set exactly when the refcount is 1 (qcow2.txt L1/L2 entry bit 63).
         CheckCopied(img, r);
         ulong hi = Math.Max(highest, highestRc);
         r.ImageEndOffset = (hi + 1) << img.ClusterBits;
         r.TotalClusters = (img.Size + (ulong)img.ClusterSize - 1) >> img.ClusterBits;
         return r;
+    }
+
+    /// <summary>Refcounts on disk against references found, one refcount block at a time; returns the
+    /// highest cluster with a refcount on disk.</summary>
+    private static ulong CompareRefcounts(Qcow2Image img, Result r, RefcountMap refs)
+    {
+        int order = img.Header.RefcountOrder;
+        var blk = new byte[img.ClusterSize];
+        var rt = img.RefcountTable;
+        ulong perPage = 1UL << refs.PageBits;
+        ulong highestRc = 0;
+        for (ulong page = 0; page < refs.PageCount; page++)
+        {
+            ulong b = page < (ulong)rt.Length ? rt[page] & Qcow2Const.OffsetMask : 0;
+            ReadOnlySpan<byte> counted = refs.Page(page);
+            ReadOnlySpan<byte> disk = default;
+            if (b != 0)
+            {
+                // Reported once by Count ("not cluster aligned" / "beyond the end of the image file"); its
+                // refcounts cannot be read, so the whole range is skipped rather than failing per cluster.
+                if (!img.RefblockUsable(b)) continue;
+                img.ReadRefblockRaw(b, blk);
+                disk = blk;
+            }
+            if (disk.IsEmpty && counted.IsEmpty) continue;
+            ulong first = page << refs.PageBits;
+            ulong count = Math.Min(perPage, refs.Clusters - first);
+            if (count == perPage && counted.Length == disk.Length && counted.SequenceEqual(disk))
+            {
+                int lastByte = disk.LastIndexOfAnyExcept((byte)0);
+                if (lastByte >= 0)
+                {
+                    ulong e = (((ulong)lastByte + 1) << 3 >> order) - 1; // last entry in that byte
+                    while (Qcow2Image.GetRefcountIn(disk, e, order) == 0) e--;
+                    highestRc = first + e;
+                }
+                continue;
+            }
+            for (ulong i = 0; i < count; i++)
+            {
+                ulong rc = disk.IsEmpty ? 0 : Qcow2Image.GetRefcountIn(disk, i, order);
+                ulong rf = counted.IsEmpty ? 0 : Qcow2Image.GetRefcountIn(counted, i, order);
+                ulong ci = first + i;
+                if (rc != 0) highestRc = ci;
+                if (rc == rf) continue;
+                if (rc < rf) r.Corrupt($"ERROR cluster {ci} refcount={rc} reference={rf}");
+                else
+                {
+                    r.Report($"Leaked cluster {ci} refcount={rc} reference={rf}");
+                    r.Leaks++;
+                }
+            }
+        }
+        return highestRc;
     }
 
     private static void CheckCopied(Qcow2Image img, Result r)
@@ -120,65 +181,48 @@ internal static class Qcow2Check
         {
             ulong l2 = l1[i] & Qcow2Const.OffsetMask;
             if (l2 == 0 || (l2 & (ulong)(cs - 1)) != 0 || l2 + (ulong)cs > img.FileEnd) continue;
-            ulong rc = SafeRefcount(img, l2 >> img.ClusterBits);
+            // A refcount that cannot be read (its block is reported already) says nothing about COPIED.
+            bool known = img.TryGetRefcount(l2 >> img.ClusterBits, out ulong rc);
             bool copied = (l1[i] & Qcow2Const.CopiedFlag) != 0;
-            if ((rc == 1) != copied)
-            {
-                r.Messages.Add($"ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1[i]:x} refcount={rc}");
-                r.Corruptions++;
-            }
+            if (known && (rc == 1) != copied)
+                r.Corrupt($"ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1[i]:x} refcount={rc}");
             img.ReadL2Table(l2, l2buf);
             for (int j = 0; j < cs / img.L2EntrySize; j++)
             {
-                ulong e = BinaryPrimitives.ReadUInt64BigEndian(l2buf.AsSpan(j * img.L2EntrySize));
-                if ((e & Qcow2Const.CompressedFlag) != 0) continue;
-                ulong h = e & Qcow2Const.OffsetMask;
+                var e = new L2Entry(BinaryPrimitives.ReadUInt64BigEndian(l2buf.AsSpan(j * img.L2EntrySize)));
+                if (e.IsCompressed) continue;
+                ulong h = e.HostOffset;
                 if (h == 0 || (h & (ulong)(cs - 1)) != 0 || h >= img.FileEnd) continue;
-                ulong drc = SafeRefcount(img, h >> img.ClusterBits);
-                if ((drc == 1) != ((e & Qcow2Const.CopiedFlag) != 0))
-                {
-                    r.Messages.Add($"ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={drc}");
-                    r.Corruptions++;
-                }
+                if (img.TryGetRefcount(h >> img.ClusterBits, out ulong drc) && (drc == 1) != e.IsCopied)
+                    r.Corrupt($"ERROR OFLAG_COPIED data cluster: l2_entry={e.Raw:x} refcount={drc}");
             }
         }
     }
 
-    private static ulong SafeRefcount(Qcow2Image img, ulong ci)
-    {
-        try { return img.GetRefcount(ci); }
-        catch (ImageException) { return 0; }
-    }
-
     /// <summary>Counts references to every host cluster; reports malformed entries into <paramref name="r"/>.</summary>
-    private static uint[] Count(Qcow2Image img, Result? r, out ulong highest)
+    private static RefcountMap Count(Qcow2Image img, Result r, out ulong highest)
     {
         int cb = img.ClusterBits;
         int cs = img.ClusterSize;
+        bool v3 = img.Header.Version >= 3;
+        bool ext = img.Header.ExtendedL2;
         ulong fileClusters = img.FileEnd >> cb;
         if (fileClusters > MaxCheckedClusters)
-            ThrowHelper.Throw(ImageErrorKind.UnsupportedFeature, img.Path, "image too large to check in memory");
-        var refs = new uint[fileClusters];
+            ThrowHelper.Throw(ImageErrorKind.UnsupportedFeature, img.Path, "image file too large to check");
+        var refs = new RefcountMap(fileClusters, cb, img.Header.RefcountOrder);
         ulong hi = 0;
-        void Err(string m)
-        {
-            if (r is null) return;
-            r.Messages.Add(m);
-            r.Corruptions++;
-        }
         void Add(ulong off, ulong bytes, string what)
         {
             if (bytes == 0) return;
-            ulong first = off >> cb;
-            ulong last = (off + bytes - 1) >> cb;
-            for (ulong c = first; c <= last; c++)
+            ulong end = off + bytes;
+            if (end < off || (end - 1) >> cb >= fileClusters)
             {
-                if (c >= fileClusters)
-                {
-                    Err($"ERROR {what} at offset 0x{off:x} lies beyond the end of the image file");
-                    return;
-                }
-                if (refs[c] != uint.MaxValue) refs[c]++;
+                r.Corrupt($"ERROR {what} at offset 0x{off:x} lies beyond the end of the image file");
+                return;
+            }
+            for (ulong c = off >> cb; c <= (end - 1) >> cb; c++)
+            {
+                if (!refs.Increment(c)) r.Corrupt($"ERROR: overflow cluster offset=0x{c << cb:x}");
                 if (c > hi) hi = c;
             }
         }
@@ -195,12 +239,12 @@ internal static class Qcow2Check
                 if (l2 == 0) continue;
                 if ((l2 & (ulong)(cs - 1)) != 0)
                 {
-                    Err($"ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted");
+                    r.Corrupt($"ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted");
                     continue;
                 }
                 if (l2 + (ulong)cs > img.FileEnd)
                 {
-                    Err($"ERROR l2_offset={l2:x}: L2 table lies beyond the end of the image file");
+                    r.Corrupt($"ERROR l2_offset={l2:x}: L2 table lies beyond the end of the image file");
                     continue;
                 }
                 Add(l2, (ulong)cs, "L2 table");
@@ -208,25 +252,27 @@ internal static class Qcow2Check
                 ulong nextContig = 0;
                 for (int j = 0; j < cs / img.L2EntrySize; j++)
                 {
-                    ulong e = BinaryPrimitives.ReadUInt64BigEndian(l2buf.AsSpan(j * img.L2EntrySize));
-                    if ((e & Qcow2Const.CompressedFlag) != 0)
+                    var e = new L2Entry(BinaryPrimitives.ReadUInt64BigEndian(l2buf.AsSpan(j * img.L2EntrySize)));
+                    if (e.IsCompressed)
                     {
-                        if ((e & Qcow2Const.CopiedFlag) != 0)
-                            Err($"ERROR: coffset=0x{e:x}: copied flag must never be set for compressed clusters");
-                        img.DecodeCompressed(e, out ulong co, out int clen);
+                        if (e.IsCopied)
+                            r.Corrupt($"ERROR: coffset=0x{e.Raw:x}: copied flag must never be set for compressed clusters");
+                        img.DecodeCompressed(e.Raw, out ulong co, out int clen);
                         Add(co, (ulong)clen, "compressed cluster");
-                        if (active && r is not null) { r.AllocatedClusters++; r.CompressedClusters++; }
+                        if (active) { r.AllocatedClusters++; r.CompressedClusters++; }
                         continue;
                     }
-                    ulong hst = e & Qcow2Const.OffsetMask;
+                    ulong hst = e.HostOffset;
+                    CheckEntryFlags(r, e, ext ? BinaryPrimitives.ReadUInt64BigEndian(l2buf.AsSpan(j * 16 + 8)) : 0, v3, ext);
                     if (hst == 0) continue;
                     if ((hst & (ulong)(cs - 1)) != 0)
                     {
-                        Err($"ERROR offset={hst:x}: Cluster is not properly aligned; L2 entry corrupted.");
+                        // qcow2.txt "Standard Cluster Descriptor": bits 9-55 hold a cluster-aligned offset.
+                        r.Corrupt($"ERROR offset={hst:x}: Data cluster is not properly aligned; L2 entry corrupted.");
                         continue;
                     }
                     Add(hst, (ulong)cs, "data cluster");
-                    if (active && r is not null)
+                    if (active)
                     {
                         r.AllocatedClusters++;
                         if (nextContig != 0 && hst != nextContig) r.FragmentedClusters++;
@@ -242,7 +288,7 @@ internal static class Qcow2Check
         {
             ulong b = rt[i] & Qcow2Const.OffsetMask;
             if (b == 0) continue;
-            if ((b & (ulong)(cs - 1)) != 0) { Err($"ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"); continue; }
+            if ((b & (ulong)(cs - 1)) != 0) { r.Corrupt($"ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"); continue; }
             Add(b, (ulong)cs, $"refcount block {i}");
         }
         if (h.NbSnapshots > 0)
@@ -253,7 +299,7 @@ internal static class Qcow2Check
             {
                 if ((s.L1Offset & (ulong)(cs - 1)) != 0 || s.L1Offset + (ulong)s.L1Size * 8 > img.FileEnd)
                 {
-                    Err($"ERROR snapshot {s.Id} L1 table at 0x{s.L1Offset:x} invalid");
+                    r.Corrupt($"ERROR snapshot {s.Id} L1 table at 0x{s.L1Offset:x} invalid");
                     continue;
                 }
                 var sl1 = new ulong[s.L1Size];
@@ -265,5 +311,25 @@ internal static class Qcow2Check
         }
         highest = hi;
         return refs;
+    }
+
+    /// <summary>Flag combinations the reader refuses (qemu: "Image is corrupt") reported as corruptions.</summary>
+    private static void CheckEntryFlags(Result r, L2Entry e, ulong bitmap, bool v3, bool ext)
+    {
+        if (ext)
+        {
+            // qcow2.txt "Extended L2 Entries": bit x = subcluster allocated, bit 32+x = reads as zeros;
+            // both set is invalid, and allocated subclusters need a host cluster.
+            uint alloc = (uint)bitmap, zero = (uint)(bitmap >> 32);
+            if (e.HostOffset == 0 && alloc != 0)
+                r.Corrupt($"ERROR: Unallocated cluster has non-zero subcluster allocation map (l2_entry={e.Raw:x} bitmap={bitmap:x})");
+            else if ((alloc & zero) != 0)
+                r.Corrupt($"ERROR offset={e.HostOffset:x}: Allocated cluster has corrupted subcluster allocation bitmap (bitmap={bitmap:x})");
+        }
+        else if (!v3 && e.ZeroFlag)
+        {
+            // qcow2.txt "Standard Cluster Descriptor", bit 0: "With version 2 ... this is always 0".
+            r.Corrupt($"ERROR l2_entry={e.Raw:x}: zero flag set in a version 2 (compat=0.10) image; L2 entry corrupted");
+        }
     }
 }

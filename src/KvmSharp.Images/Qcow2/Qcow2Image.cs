@@ -48,7 +48,7 @@ public sealed class Qcow2Image : IBlockDevice
     private ulong _fileEnd;            // bytes; max of file length and everything we allocated
     private ulong _physEnd;            // bytes actually written: beyond it the file is a hole (reads zero)
     private ulong _reservedStart, _reservedEnd; // cluster indices kept free while the refcount table moves
-    private bool[]? _repairInUse;     // during repair: clusters referenced by metadata, never allocated
+    private RefcountMap? _repairInUse; // during repair: clusters referenced by metadata, never allocated
     private bool _headerDirtyForOpen;
     private bool _disposed;
 
@@ -94,6 +94,10 @@ public sealed class Qcow2Image : IBlockDevice
         _scratch = new byte[_cs];
         _compBuf = new byte[2 * _cs + 512];
         _decomp = new byte[_cs];
+
+        // As qemu's qcow2_open (qcow2_read_snapshots): an image whose snapshot table is invalid
+        // (extra_data_size over 1024, entries past the end of the file) is refused by every command.
+        if (h.NbSnapshots > 0) Qcow2Snapshots.Read(this, out _, validateOnly: true);
 
         if (!readOnly)
         {
@@ -237,7 +241,7 @@ public sealed class Qcow2Image : IBlockDevice
         host = 0;
         if (_ext) return 0;
         ulong e = GetL2Entry(vc, out _);
-        if ((e & Qcow2Const.CompressedFlag) != 0 || _v3 && (e & Qcow2Const.ZeroFlag) != 0) return 0;
+        if ((e & Qcow2Const.CompressedFlag) != 0 || (e & Qcow2Const.ZeroFlag) != 0) return 0; // ReadCore decides
         ulong h = e & Qcow2Const.OffsetMask;
         if (h == 0) return Backing is null ? 0 : 2;
         CheckDataOffset(h, vc);
@@ -403,8 +407,18 @@ public sealed class Qcow2Image : IBlockDevice
         lock (_lock)
         {
             ObjectDisposedException.ThrowIf(_disposed, this);
+            int l1Shift = _cb + _l2Bits;
             while (length > 0)
             {
+                ulong l1i = offset >> l1Shift;
+                if (Backing is null && (l1i >= (ulong)_l1.Length || (_l1[l1i] & Qcow2Const.OffsetMask) == 0))
+                {
+                    // No L2 table and nothing below: the whole L1 range reads as zeros already (one step, not one per cluster).
+                    ulong skip = Math.Min(((l1i + 1) << l1Shift) - offset, length);
+                    offset += skip;
+                    length -= skip;
+                    continue;
+                }
                 int inC = (int)(offset & _cmask);
                 int n = (int)Math.Min(length, (ulong)(_cs - inC));
                 if (n == _cs || offset + (ulong)n == Size && inC == 0) ZeroCluster(offset >> _cb);
@@ -484,7 +498,9 @@ public sealed class Qcow2Image : IBlockDevice
             else
             {
                 ulong host = e & Qcow2Const.OffsetMask;
-                if (_v3 && (e & Qcow2Const.ZeroFlag) != 0) dst[..n].Clear();
+                if ((e & Qcow2Const.ZeroFlag) != 0 && !_v3)
+                    ThrowHelper.Throw(ImageErrorKind.Corrupt, _path, $"Zero cluster entry found in pre-v3 image (cluster {vc})", -1);
+                if ((e & Qcow2Const.ZeroFlag) != 0) dst[..n].Clear();
                 else if (host == 0) ReadBacking(dst[..n], off);
                 else
                 {
@@ -857,6 +873,31 @@ public sealed class Qcow2Image : IBlockDevice
         return GetRefcountIn(_rb.Span(slot), ci & ((1UL << _rbBits) - 1), _rcOrder);
     }
 
+    /// <summary>True when a refcount block at <paramref name="off"/> can be read: aligned, past the header,
+    /// inside the file (qemu-img check: "refcount block is not cluster aligned" / "is outside image").</summary>
+    internal bool RefblockUsable(ulong off) => (off & _cmask) == 0 && off >= (ulong)_cs && off + (ulong)_cs <= _fileEnd;
+
+    /// <summary>Refcount of <paramref name="ci"/>, or false when its refcount block cannot be read.</summary>
+    internal bool TryGetRefcount(ulong ci, out ulong rc)
+    {
+        rc = 0;
+        ulong rti = ci >> _rbBits;
+        if (rti >= (ulong)_rcTable.Length) return true;
+        ulong blk = _rcTable[rti] & Qcow2Const.OffsetMask;
+        if (blk == 0) return true;
+        if (!RefblockUsable(blk)) return false;
+        rc = GetRefcountIn(_rb.Span(LoadRefblock(blk, rti)), ci & ((1UL << _rbBits) - 1), _rcOrder);
+        return true;
+    }
+
+    /// <summary>Repair: forgets an unusable refcount block, so its range gets a fresh one when next written.</summary>
+    internal void DropRefblock(ulong rti)
+    {
+        _rcTable[rti] = 0;
+        _rcDirtyMin = Math.Min(_rcDirtyMin, (int)rti);
+        _rcDirtyMax = Math.Max(_rcDirtyMax, (int)rti);
+    }
+
     internal void SetRefcount(ulong ci, ulong v)
     {
         if (v > RefcountMask)
@@ -871,7 +912,7 @@ public sealed class Qcow2Image : IBlockDevice
         if (v == 0 && ci < _freeHint) _freeHint = ci;
     }
 
-    private bool Reserved(ulong ci) => ci >= _reservedStart && ci < _reservedEnd || _repairInUse is { } r && ci < (ulong)r.Length && r[ci];
+    private bool Reserved(ulong ci) => ci >= _reservedStart && ci < _reservedEnd || _repairInUse is { } r && ci < r.Clusters && r.Get(ci) != 0;
 
     /// <summary>
     /// Creates the refcount block for range <paramref name="rti"/> inside that range, so it describes itself.
@@ -888,12 +929,23 @@ public sealed class Qcow2Image : IBlockDevice
         {
             // The whole range is a reserved run (a long table being placed): put the block right after
             // the run, in a later range, and extend the run over it so nothing else claims it.
-            if (_reservedEnd < first + count)
-                ThrowHelper.Throw(ImageErrorKind.UnsupportedFeature, _path, "no room for a refcount block", -1);
-            place = _reservedEnd;
-            while (GetRefcount(place) != 0 || Reserved(place)) place++;
-            _reservedEnd = place + 1;
+            if (_reservedEnd >= first + count)
+            {
+                place = _reservedEnd;
+                while (GetRefcount(place) != 0 || Reserved(place)) place++;
+                _reservedEnd = place + 1;
+            }
+            else
+            {
+                // Repair after an unreadable block was dropped: every cluster of the range is referenced.
+                // The block goes to the first free cluster elsewhere, counted in that range's block.
+                place = Math.Max(_freeHint, 1);
+                while (place >= first && place < first + count || GetRefcount(place) != 0 || Reserved(place)) place++;
+            }
         }
+        // During repair the new block is metadata the computed references did not know: count it, so
+        // nothing else is placed there and the repair does not "fix" its refcount back to 0.
+        if (_repairInUse is { } inUse && place < inUse.Clusters) inUse.Increment(place);
         ulong off = place << _cb;
         int slot = _rb.Victim();
         if (_rb.IsDirty(slot)) WriteRefblock(slot);
@@ -1215,7 +1267,7 @@ public sealed class Qcow2Image : IBlockDevice
     internal ulong FileEnd => _fileEnd;
     internal long FileLength => RandomAccess.GetLength(_file);
     internal object SyncRoot => _lock;
-    internal bool[]? RepairInUse { get => _repairInUse; set => _repairInUse = value; }
+    internal RefcountMap? RepairInUse { get => _repairInUse; set => _repairInUse = value; }
 
     internal void ReadHost(Span<byte> dst, ulong off) => PRead(dst, off);
 
@@ -1233,33 +1285,122 @@ public sealed class Qcow2Image : IBlockDevice
         PReadMeta(dst, off, "refcount block");
     }
 
-    /// <summary>Allocation status of a virtual range for map/commit: 0 = unallocated (falls through),
-    /// 1 = data here, 2 = zero here; <paramref name="host"/> set for data.</summary>
-    internal int BlockStatus(ulong off, out ulong host, out ulong length)
+    /// <inheritdoc/>
+    /// <remarks>
+    /// Walks the metadata, never the clusters one by one through the read path: an L1 entry of 0 (or an
+    /// L1 index past the table) answers for its whole L2 range, and runs of L2 entries of the same kind are
+    /// merged up to the end of their L2 table. So one call costs at most one L2 table scan, and walking a
+    /// whole image costs O(L1 entries + allocated L2 entries). Entries qemu refuses are refused here too
+    /// (qcow2.txt "Standard Cluster Descriptor", "Extended L2 Entries"): an unaligned host offset, the zero
+    /// flag in a version 2 image, a subcluster both allocated and zero, or allocated without a host cluster.
+    /// </remarks>
+    public BlockExtent GetBlockStatus(ulong offset, ulong maxLength)
     {
+        if (offset >= Size || maxLength == 0)
+            ThrowHelper.Throw(ImageErrorKind.OutOfBounds, _path, $"block status at {offset} beyond disk size {Size}", (long)Math.Min(offset, long.MaxValue));
+        ulong end = offset + Math.Min(maxLength, Size - offset);
+        int l1Shift = _cb + _l2Bits;
         lock (_lock)
         {
-            ulong vc = off >> _cb;
-            int inC = (int)(off & _cmask);
-            length = Math.Min((ulong)(_cs - inC), Size - off);
-            ulong e = GetL2Entry(vc, out ulong bm);
-            host = 0;
-            if ((e & Qcow2Const.CompressedFlag) != 0) return 3;
-            ulong h = e & Qcow2Const.OffsetMask;
-            if (_ext)
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            ulong l1i = offset >> l1Shift;
+            if (l1i >= (ulong)_l1.Length || (_l1[l1i] & Qcow2Const.OffsetMask) == 0)
             {
-                int scSize = _cs / 32;
-                int sc = inC / scSize;
-                length = Math.Min((ulong)((sc + 1) * scSize - inC), Size - off);
-                if (((bm >> sc) & 1) != 0) { host = h + (ulong)inC; return 1; }
-                if (((bm >> (32 + sc)) & 1) != 0) return 2;
-                return 0;
+                // qcow2.txt "Cluster mapping": an L1 entry of 0 means its whole L2 range is unallocated.
+                ulong i = l1i + 1;
+                ulong pos = i << l1Shift;
+                while (pos < end && i < (ulong)_l1.Length && (_l1[i] & Qcow2Const.OffsetMask) == 0)
+                {
+                    i++;
+                    pos += 1UL << l1Shift;
+                }
+                if (i >= (ulong)_l1.Length) pos = end; // no L1 entries beyond the table: all unallocated
+                return new BlockExtent(BlockState.Unallocated, Math.Min(pos, end) - offset);
             }
-            if (_v3 && (e & Qcow2Const.ZeroFlag) != 0) return 2;
-            if (h == 0) return 0;
-            host = h + (ulong)inC;
-            return 1;
+            ulong l2Off = ValidL2Offset(_l1[l1i], l1i);
+            ReadOnlySpan<byte> table = _l2.Span(LoadL2(l2Off));
+            ulong tableEnd = Math.Min(end, (l1i + 1) << l1Shift);
+            return _ext ? ExtendedStatus(table, l2Off, offset, tableEnd) : StandardStatus(table, l2Off, offset, tableEnd);
         }
+    }
+
+    private BlockExtent StandardStatus(ReadOnlySpan<byte> table, ulong l2Off, ulong offset, ulong end)
+    {
+        int idx = (int)((offset >> _cb) & (ulong)(_l2Entries - 1));
+        ulong inC = offset & _cmask;
+        var (state, host) = StandardMapping(table, idx, l2Off);
+        if (host != BlockExtent.NoOffset) host += inC;
+        ulong pos = ((offset >> _cb) + 1) << _cb;
+        ulong nextHost = host == BlockExtent.NoOffset ? host : host - inC + (ulong)_cs;
+        for (idx++; pos < end && idx < _l2Entries; idx++)
+        {
+            var (s, h) = StandardMapping(table, idx, l2Off);
+            if (s != state || h != nextHost) break;
+            pos += (ulong)_cs;
+            if (h != BlockExtent.NoOffset) nextHost += (ulong)_cs;
+        }
+        return new BlockExtent(state, Math.Min(pos, end) - offset, host);
+    }
+
+    /// <summary>State and host cluster (or NoOffset) of standard L2 entry <paramref name="idx"/>.</summary>
+    private (BlockState, ulong) StandardMapping(ReadOnlySpan<byte> table, int idx, ulong l2Off)
+    {
+        var e = new L2Entry(BinaryPrimitives.ReadUInt64BigEndian(table[(idx * _entrySize)..]));
+        if (e.IsCompressed) return (BlockState.Data, BlockExtent.NoOffset);
+        ulong h = e.HostOffset;
+        if (e.ZeroFlag && !_v3)
+            ThrowHelper.Throw(ImageErrorKind.Corrupt, _path, $"Zero cluster entry found in pre-v3 image (L2 offset: 0x{l2Off:x}, L2 index: 0x{idx:x})", (long)(l2Off + (ulong)idx * 8));
+        if (h != 0) CheckHostCluster(h, l2Off, idx);
+        if (e.ZeroFlag) return (BlockState.Zero, h == 0 ? BlockExtent.NoOffset : h);
+        return h == 0 ? (BlockState.Unallocated, BlockExtent.NoOffset) : (BlockState.Data, h);
+    }
+
+    private void CheckHostCluster(ulong h, ulong l2Off, int idx)
+    {
+        if ((h & _cmask) != 0 || h < (ulong)_cs)
+            ThrowHelper.Throw(ImageErrorKind.Corrupt, _path, $"Cluster allocation offset 0x{h:x} unaligned (L2 offset: 0x{l2Off:x}, L2 index: 0x{idx:x})", (long)(l2Off + (ulong)idx * (ulong)_entrySize));
+    }
+
+    private BlockExtent ExtendedStatus(ReadOnlySpan<byte> table, ulong l2Off, ulong offset, ulong end)
+    {
+        // qcow2.txt "Extended L2 Entries": 32 subclusters per cluster; bitmap bit x = allocated, 32+x = zero.
+        int scBits = _cb - 5;
+        ulong scSize = 1UL << scBits;
+        int idx = (int)((offset >> _cb) & (ulong)(_l2Entries - 1));
+        int sc = (int)((offset & _cmask) >> scBits);
+        var (state, host) = SubclusterMapping(table, idx, sc, l2Off);
+        ulong inSc = offset & (scSize - 1);
+        ulong nextHost = host == BlockExtent.NoOffset ? host : host + scSize;
+        if (host != BlockExtent.NoOffset) host += inSc;
+        ulong pos = offset - inSc + scSize;
+        while (pos < end)
+        {
+            if (++sc == 32)
+            {
+                sc = 0;
+                if (++idx == _l2Entries) break;
+            }
+            var (s, h) = SubclusterMapping(table, idx, sc, l2Off);
+            if (s != state || h != nextHost) break;
+            pos += scSize;
+            if (h != BlockExtent.NoOffset) nextHost += scSize;
+        }
+        return new BlockExtent(state, Math.Min(pos, end) - offset, host);
+    }
+
+    private (BlockState, ulong) SubclusterMapping(ReadOnlySpan<byte> table, int idx, int sc, ulong l2Off)
+    {
+        var e = new L2Entry(BinaryPrimitives.ReadUInt64BigEndian(table[(idx * 16)..]));
+        if (e.IsCompressed) return (BlockState.Data, BlockExtent.NoOffset);
+        ulong bm = BinaryPrimitives.ReadUInt64BigEndian(table[(idx * 16 + 8)..]);
+        ulong h = e.HostOffset;
+        bool alloc = ((bm >> sc) & 1) != 0, zero = ((bm >> (32 + sc)) & 1) != 0;
+        if (alloc && (zero || h == 0))
+            ThrowHelper.Throw(ImageErrorKind.Corrupt, _path, $"Invalid cluster entry found (L2 offset: 0x{l2Off:x}, L2 index: 0x{idx:x})", (long)(l2Off + (ulong)idx * 16));
+        if (h == 0) return (zero ? BlockState.Zero : BlockState.Unallocated, BlockExtent.NoOffset);
+        CheckHostCluster(h, l2Off, idx);
+        ulong sh = h + ((ulong)sc << (_cb - 5));
+        return (alloc ? BlockState.Data : zero ? BlockState.Zero : BlockState.Unallocated, sh);
     }
 
     internal void SetHeaderDirtyBits(ulong incompatible)

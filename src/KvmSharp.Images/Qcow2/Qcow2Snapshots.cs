@@ -9,8 +9,15 @@ internal sealed record Qcow2Snapshot(string Id, string Name, ulong L1Offset, uin
 
 internal static class Qcow2Snapshots
 {
+    /// <summary>QEMU's QCOW_MAX_SNAPSHOT_EXTRA_DATA: qemu refuses to open an image with a larger entry.</summary>
+    public const uint MaxExtraData = 1024;
+
+    /// <summary>QEMU's QCOW_MAX_SNAPSHOTS_SIZE (1 KiB per snapshot): bounds what parsing the table reads and keeps.</summary>
+    public const ulong MaxTableBytes = 1024UL * Qcow2Const.MaxSnapshots;
+
     /// <summary>Parses the snapshot table; returns the entries and the table's byte length.</summary>
-    public static List<Qcow2Snapshot> Read(Qcow2Image img, out ulong tableBytes)
+    /// <param name="validateOnly">Check every entry as qemu's qcow2_read_snapshots does at open, keep nothing.</param>
+    public static List<Qcow2Snapshot> Read(Qcow2Image img, out ulong tableBytes, bool validateOnly = false)
     {
         var h = img.Header;
         var list = new List<Qcow2Snapshot>();
@@ -33,11 +40,19 @@ internal static class Qcow2Snapshots
             ulong clock = BinaryPrimitives.ReadUInt64BigEndian(fixedPart.AsSpan(24));
             uint vmState = BinaryPrimitives.ReadUInt32BigEndian(fixedPart.AsSpan(32));
             uint extraLen = BinaryPrimitives.ReadUInt32BigEndian(fixedPart.AsSpan(36));
-            if (extraLen > 1024)
-                ThrowHelper.Throw(ImageErrorKind.Corrupt, img.Path, $"snapshot {i} extra data of {extraLen} bytes is too large", (long)pos);
+            // qcow2.txt "Snapshot table entry", extra_data_size; QEMU refuses the open past 1024 bytes.
+            if (extraLen > MaxExtraData)
+                ThrowHelper.Throw(ImageErrorKind.Corrupt, img.Path, $"Too much extra metadata in snapshot table entry {i} ({extraLen} > {MaxExtraData} bytes)", (long)pos);
             ulong varLen = extraLen + (ulong)idLen + nameLen;
+            if (pos + 40 + varLen - h.SnapshotsOffset > MaxTableBytes)
+                ThrowHelper.Throw(ImageErrorKind.Corrupt, img.Path, "Snapshot table is too big", (long)h.SnapshotsOffset);
             if (pos + 40 + varLen > fileEnd)
                 ThrowHelper.Throw(ImageErrorKind.Corrupt, img.Path, $"snapshot {i} lies beyond the end of the file", (long)pos);
+            if (validateOnly)
+            {
+                pos += (40 + varLen + 7) & ~7UL;
+                continue;
+            }
             var v = new byte[varLen];
             img.ReadHost(v, pos + 40);
             ulong vmStateLarge = vmState, diskSize = h.Size, icount = ulong.MaxValue;

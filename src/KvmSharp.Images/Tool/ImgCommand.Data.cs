@@ -24,33 +24,38 @@ public static partial class ImgCommand
         _ => "?",
     };
 
-    /// <summary>Walks the chain at <paramref name="off"/>: which layer provides the data, and how.</summary>
+    /// <summary>Walks the chain at <paramref name="off"/>: which layer provides the data, and how, for
+    /// as many bytes (up to <paramref name="max"/>) as the answer holds. Each layer answers from its
+    /// metadata (<see cref="IBlockDevice.GetBlockStatus"/>), so a long unallocated or zero run is one step.</summary>
     private static Extent ChainStatus(IBlockDevice top, ulong off, ulong max)
     {
         IBlockDevice dev = top;
         int depth = 0;
         while (true)
         {
-            if (dev is RawImage r)
-            {
-                ulong len = off >= r.Size ? max : Math.Min(max, r.Size - off);
-                if (off >= r.Size) return new Extent { Start = off, Length = len, Depth = depth, Present = false, Zero = true };
-                return new Extent { Start = off, Length = len, Depth = depth, Present = true, Data = true, Offset = off, HasOffset = true, File = r.Path };
-            }
-            var q = (Qcow2Image)dev;
-            if (off >= q.Size)
+            // A backing file shorter than its overlay reads as zeros past its end (qemu reports the overlay's depth).
+            if (off >= dev.Size)
                 return new Extent { Start = off, Length = max, Depth = Math.Max(0, depth - 1), Present = false, Zero = true };
-            int st = q.BlockStatus(off, out ulong host, out ulong l);
-            ulong n = Math.Min(l, max);
-            switch (st)
+            var st = dev.GetBlockStatus(off, max);
+            var e = new Extent { Start = off, Length = st.Length, Depth = depth, HasOffset = st.HasOffset, Offset = st.HasOffset ? st.HostOffset : 0 };
+            switch (st.State)
             {
-                case 1: return new Extent { Start = off, Length = n, Depth = depth, Present = true, Data = true, Offset = host, HasOffset = true, File = q.Path };
-                case 2: return new Extent { Start = off, Length = n, Depth = depth, Present = true, Zero = true };
-                case 3: return new Extent { Start = off, Length = n, Depth = depth, Present = true, Data = true };
+                case BlockState.Data:
+                    e.Present = e.Data = true;
+                    if (e.HasOffset) e.File = PathOf(dev);
+                    return e;
+                case BlockState.Zero:
+                    e.Present = e.Zero = true;
+                    return e;
             }
-            if (q.Backing is null) return new Extent { Start = off, Length = n, Depth = depth, Present = false, Zero = true };
-            dev = q.Backing;
-            max = n;
+            IBlockDevice? backing = (dev as Qcow2Image)?.Backing;
+            if (backing is null)
+            {
+                e.Zero = true;
+                return e;
+            }
+            dev = backing;
+            max = st.Length;
             depth++;
         }
     }
@@ -152,10 +157,11 @@ public static partial class ImgCommand
         bool unsafeCache = cache == "unsafe";
         if (q is not null) q.NoSync = unsafeCache;
         int gran = q?.ClusterSize ?? 65536;
+        bool existingTarget = a.Has("n");
         int bufSize = Math.Max(gran, 2 << 20);
         // Reading the source and writing the target overlap: a reader thread fills buffers (two in
         // flight) while this thread writes, as qemu-img convert overlaps its requests.
-        using var filled = new System.Collections.Concurrent.BlockingCollection<(ArraySegment<byte> Buf, ulong Off, int Len)>(2);
+        using var filled = new System.Collections.Concurrent.BlockingCollection<(ArraySegment<byte> Buf, ulong Off, ulong Len)>(2);
         using var free = new System.Collections.Concurrent.BlockingCollection<ArraySegment<byte>>(3);
         for (int i = 0; i < 3; i++) free.Add(PageAligned(bufSize));
         using var stop = new CancellationTokenSource(); // the writer failed: the reader must not block
@@ -165,25 +171,28 @@ public static partial class ImgCommand
             try
             {
                 ulong roff = 0;
+                Extent st = default;
                 while (roff < size)
                 {
-                    int n = (int)Math.Min((ulong)bufSize, size - roff);
-                    // Skip what the source chain knows to be zero or unallocated without reading it.
-                    var st = ChainStatus(s, roff, (ulong)n);
+                    // Skip what the source chain knows to be zero or unallocated without reading it, a
+                    // whole extent at a time (its length follows the metadata, not the virtual size).
+                    // Skips stay multiples of the target's cluster, so compressed writes stay aligned.
+                    if (roff >= st.Start + st.Length) st = ChainStatus(s, roff, size - roff);
+                    ulong stEnd = st.Start + st.Length;
                     if (!st.Data && st.Zero)
                     {
-                        ulong skip = Math.Min(st.Length, (ulong)n);
-                        if (skip >= (ulong)gran || roff + skip == size)
+                        ulong skip = stEnd == size ? stEnd - roff : (stEnd - roff) / (ulong)gran * (ulong)gran;
+                        if (skip > 0)
                         {
-                            skip = roff + skip == size ? skip : skip / (ulong)gran * (ulong)gran;
-                            filled.Add((default, roff, (int)skip), ct);
+                            filled.Add((default, roff, skip), ct);
                             roff += skip;
                             continue;
                         }
                     }
+                    int n = (int)Math.Min((ulong)bufSize, size - roff);
                     var b = free.Take(ct);
                     s.Read(b.AsSpan(0, n), roff);
-                    filled.Add((b, roff, n), ct);
+                    filled.Add((b, roff, (ulong)n), ct);
                     roff += (ulong)n;
                 }
             }
@@ -193,17 +202,23 @@ public static partial class ImgCommand
         byte[]? full = null;
         try
         {
-        foreach (var (b, off, n) in filled.GetConsumingEnumerable())
+        foreach (var (b, off, length) in filled.GetConsumingEnumerable())
         {
-            if (b.Array is not null)
+            if (b.Array is null)
             {
+                // A fresh target reads zeros already (a raw one is a sparse file); an existing one (-n) does not.
+                if (existingTarget) d.WriteZeroes(off, length);
+            }
+            else
+            {
+                int n = (int)length;
                 var span = b.AsSpan(0, n);
                 int i = 0;
                 while (i < n)
                 {
                     // Skip zero pieces (the fresh target reads zero); write runs of non-zero pieces at once.
                     int len = Math.Min(gran, n - i);
-                    if (!span.Slice(i, len).ContainsAnyExcept((byte)0)) { i += len; continue; }
+                    if (!existingTarget && !span.Slice(i, len).ContainsAnyExcept((byte)0)) { i += len; continue; }
                     if (compress)
                     {
                         ReadOnlySpan<byte> piece = span.Slice(i, len);
@@ -222,7 +237,7 @@ public static partial class ImgCommand
                     while (j < n)
                     {
                         int l2 = Math.Min(gran, n - j);
-                        if (!span.Slice(j, l2).ContainsAnyExcept((byte)0)) break;
+                        if (!existingTarget && !span.Slice(j, l2).ContainsAnyExcept((byte)0)) break;
                         j += l2;
                     }
                     d.Write(span[i..j], off + (ulong)i);
@@ -232,7 +247,7 @@ public static partial class ImgCommand
             }
             if (progress)
             {
-                int pct = (int)((off + (ulong)n) * 10000 / Math.Max(size, 1));
+                int pct = (int)((UInt128)(off + length) * 10000 / Math.Max(size, 1));
                 if (pct != lastPct) { o.Write(string.Create(CultureInfo.InvariantCulture, $"    ({pct / 100.0:F2}/100%)\r")); lastPct = pct; }
             }
         }
@@ -296,22 +311,20 @@ public static partial class ImgCommand
             ulong off = 0;
             while (off < topSize)
             {
-                int st = top.BlockStatus(off, out _, out ulong len);
-                // merge runs of the same status up to the buffer size
-                while (off + len < topSize && len < (ulong)buf.Length)
+                // Extent by extent: an unallocated run of the overlay costs one step, whatever its length.
+                var st = top.GetBlockStatus(off, topSize - off);
+                if (st.State == BlockState.Data)
                 {
-                    int st2 = top.BlockStatus(off + len, out _, out ulong l2);
-                    if (st2 != st || len + l2 > (ulong)buf.Length) break;
-                    len += l2;
+                    for (ulong done = 0; done < st.Length;)
+                    {
+                        var span = buf.AsSpan(0, (int)Math.Min((ulong)buf.Length, st.Length - done));
+                        top.Read(span, off + done); // top opened without its backing: allocated ranges read their own data
+                        b.Write(span, off + done);
+                        done += (ulong)span.Length;
+                    }
                 }
-                if (st == 1 || st == 3)
-                {
-                    var span = buf.AsSpan(0, (int)len);
-                    top.Read(span, off); // top opened without its backing: allocated ranges read their own data
-                    b.Write(span, off);
-                }
-                else if (st == 2) b.WriteZeroes(off, len);
-                off += len;
+                else if (st.State == BlockState.Zero) b.WriteZeroes(off, st.Length);
+                off += st.Length;
             }
             b.Flush();
         }
@@ -320,8 +333,17 @@ public static partial class ImgCommand
             // Empty the overlay (qemu-img commit's make_empty): every cluster falls through to the base again.
             using var top = BlockDeviceFactory.OpenQcow2(path, false);
             top.FinishOpen();
-            ulong clusters = (top.Size + (ulong)top.ClusterSize - 1) / (ulong)top.ClusterSize;
-            for (ulong vc = 0; vc < clusters; vc++) top.UnmapCluster(vc);
+            // Only clusters the metadata maps (data, zero, or a host cluster behind unallocated subclusters).
+            for (ulong off = 0; off < top.Size;)
+            {
+                var st = top.GetBlockStatus(off, top.Size - off);
+                if (st.State != BlockState.Unallocated || st.HasOffset)
+                {
+                    ulong last = (off + st.Length - 1) / (ulong)top.ClusterSize;
+                    for (ulong vc = off / (ulong)top.ClusterSize; vc <= last; vc++) top.UnmapCluster(vc);
+                }
+                off += st.Length;
+            }
             top.Flush();
         }
         if (!a.Has("q")) o.WriteLine("Image committed.");
@@ -367,21 +389,46 @@ public static partial class ImgCommand
         ulong off = 0;
         while (off < top.Size)
         {
-            int st = top.BlockStatus(off, out _, out ulong len);
-            if (st == 0)
+            var st = top.GetBlockStatus(off, top.Size - off);
+            ulong end = off + st.Length;
+            if (st.State != BlockState.Unallocated)
             {
-                var ob = oldBuf.AsSpan(0, (int)len);
-                var nbuf = newBuf.AsSpan(0, (int)len);
+                off = end;
+                continue;
+            }
+            while (off < end)
+            {
+                // Ranges both chains know to be zero need no reading (one step per extent).
+                ulong len = end - off;
+                if (top.Backing is { } ob0)
+                {
+                    var olds = ChainStatus(ob0, off, len);
+                    if (olds.Data || !olds.Zero) len = 0;
+                    else len = olds.Length;
+                }
+                if (len > 0 && nb is not null && off < nb.Size)
+                {
+                    var news = ChainStatus(nb, off, len);
+                    len = news.Data || !news.Zero ? 0 : news.Length;
+                }
+                if (len > 0)
+                {
+                    off += len;
+                    continue;
+                }
+                int n = (int)Math.Min((ulong)cs - off % (ulong)cs, end - off);
+                var ob = oldBuf.AsSpan(0, n);
+                var nbuf = newBuf.AsSpan(0, n);
                 top.Read(ob, off);
                 nbuf.Clear();
                 if (nb is not null && off < nb.Size)
                 {
-                    int n = (int)Math.Min(len, nb.Size - off);
-                    nb.Read(nbuf[..n], off);
+                    int m = (int)Math.Min((ulong)n, nb.Size - off);
+                    nb.Read(nbuf[..m], off);
                 }
                 if (!ob.SequenceEqual(nbuf)) top.Write(ob, off);
+                off += (ulong)n;
             }
-            off += len;
         }
         top.Flush();
         top.SetBacking(name, newFmt);
@@ -441,16 +488,20 @@ public static partial class ImgCommand
         var b1 = new byte[1 << 20];
         var b2 = new byte[1 << 20];
         ulong off = 0;
+        Extent s1 = default, s2 = default;
         while (off < common)
         {
-            int n = (int)Math.Min((ulong)b1.Length, common - off);
-            var s1 = ChainStatus(d1, off, (ulong)n);
-            var s2 = ChainStatus(d2, off, (ulong)n);
+            // Each side's extent is asked once and kept until passed: zero or unallocated on both sides
+            // is skipped in one step, so time follows the metadata, not the virtual size.
+            if (off >= s1.Start + s1.Length) s1 = ChainStatus(d1, off, common - off);
+            if (off >= s2.Start + s2.Length) s2 = ChainStatus(d2, off, common - off);
+            ulong until = Math.Min(s1.Start + s1.Length, s2.Start + s2.Length);
             if (!s1.Data && !s2.Data && s1.Zero && s2.Zero)
             {
-                off += Math.Max(512, Math.Min(s1.Length, s2.Length));
+                off = until;
                 continue;
             }
+            int n = (int)Math.Min((ulong)b1.Length, until - off);
             d1.Read(b1.AsSpan(0, n), off);
             d2.Read(b2.AsSpan(0, n), off);
             int same = b1.AsSpan(0, n).CommonPrefixLength(b2.AsSpan(0, n));
@@ -470,9 +521,16 @@ public static partial class ImgCommand
             }
             if (!quiet) e.WriteLine("Warning: Image size mismatch!");
             var big = d1.Size > d2.Size ? d1 : d2;
+            Extent t = default;
             while (off < big.Size)
             {
-                int n = (int)Math.Min((ulong)b1.Length, big.Size - off);
+                if (off >= t.Start + t.Length) t = ChainStatus(big, off, big.Size - off);
+                if (!t.Data && t.Zero)
+                {
+                    off = t.Start + t.Length;
+                    continue;
+                }
+                int n = (int)Math.Min((ulong)b1.Length, t.Start + t.Length - off);
                 big.Read(b1.AsSpan(0, n), off);
                 int z = b1.AsSpan(0, n).IndexOfAnyExcept((byte)0);
                 if (z >= 0)
@@ -489,19 +547,33 @@ public static partial class ImgCommand
 
     // ------------------------------------------------------------------ bench
 
+    private static int BenchInt(string v, int min, string error)
+        => int.TryParse(v, NumberStyles.None, CultureInfo.InvariantCulture, out int n) && n >= min ? n : throw ImgArgs.Bad(error);
+
+    private static ulong BenchSize(string v, ulong max, string error)
+    {
+        ulong n;
+        try { n = ImgArgs.ParseSize(v); }
+        catch (ImageException) { throw ImgArgs.Bad(error); }
+        return n <= max ? n : throw ImgArgs.Bad(error);
+    }
+
     private static int Bench(string[] args, TextWriter o)
     {
         var a = ImgArgs.Parse(args, new[] { "c", "d", "f", "flush-interval", "i", "o", "pattern", "s", "S", "t", "object" }, new[] { "n", "no-drain", "q", "w", "U", "image-opts", "force-share", "wrap-usable" });
         string path = One(a, "image");
         bool usableWrap = a.Has("wrap-usable");
-        // Every number range-checked before use, never truncated (-s 4294967808 is not 512).
-        int count = ImgArgs.ParseInt(a.Get("c") ?? "75000", "request count", 1, int.MaxValue);
-        int depth = ImgArgs.ParseInt(a.Get("d") ?? "64", "queue depth", 1, 4096);
-        ulong offset = a.Get("o") is { } os ? ImgArgs.ParseSize(os) : 0;
-        int size = a.Get("s") is { } ss ? ImgArgs.ParseSize(ss, "buffer size", 1, 1 << 30) : 4096;
-        ulong step = a.Get("S") is { } st ? ImgArgs.ParseSize(st) : (ulong)size;
-        int flushInterval = ImgArgs.ParseInt(a.Get("flush-interval") ?? "0", "flush interval", 0, int.MaxValue);
-        byte pattern = (byte)ImgArgs.ParseInt(a.Get("pattern") ?? "0", "pattern", 0, 255);
+        // qemu-img bench's limits and messages: every number is checked before anything runs, so a
+        // negative count cannot wrap into a run that never ends.
+        int count = BenchInt(a.Get("c") ?? "75000", 0, "Invalid request count specified");
+        int depth = BenchInt(a.Get("d") ?? "64", 1, "Invalid queue depth specified");
+        ulong offset = a.Get("o") is { } os ? BenchSize(os, ulong.MaxValue, "Invalid offset specified") : 0;
+        int size = (int)(a.Get("s") is { } ss ? BenchSize(ss, int.MaxValue, "Invalid buffer size specified. Must be between 0 and 2147483647.") : 4096);
+        ulong step = a.Get("S") is { } st ? BenchSize(st, ulong.MaxValue, "Invalid step_size specified") : (ulong)size;
+        int flushInterval = BenchInt(a.Get("flush-interval") ?? "0", 0, "Invalid flush interval specified");
+        int patternValue = BenchInt(a.Get("pattern") ?? "0", 0, "Invalid pattern byte specified");
+        if (patternValue > 255) throw ImgArgs.Bad("Invalid pattern byte specified");
+        byte pattern = (byte)patternValue;
         bool write = a.Has("w");
         string cache = a.Get("t") ?? "writeback";
         if (cache != "writeback")

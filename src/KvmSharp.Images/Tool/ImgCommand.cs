@@ -365,16 +365,15 @@ public static partial class ImgCommand
             return 63;
         }
         Qcow2Check.Result r;
+        bool quiet = a.Has("q");
         using (var q = OpenForCheck(path, mode != Qcow2Check.RepairMode.None, ForceShare(a)))
         {
-            r = Qcow2Check.Run(q, mode);
+            r = Qcow2Check.Run(q, mode, quiet ? null : e); // messages stream out: memory does not grow with them
             if (mode == Qcow2Check.RepairMode.All && r.Corruptions == 0 && (q.Header.Incompatible & (Qcow2Const.IncompatCorrupt | Qcow2Const.IncompatDirty)) != 0)
                 q.SetHeaderDirtyBits(q.Header.Incompatible & ~(Qcow2Const.IncompatCorrupt | Qcow2Const.IncompatDirty));
             else if (mode != Qcow2Check.RepairMode.None && r.Corruptions == 0 && r.Leaks == 0 && (q.Header.Incompatible & Qcow2Const.IncompatDirty) != 0)
                 q.SetHeaderDirtyBits(q.Header.Incompatible & ~Qcow2Const.IncompatDirty);
         }
-        bool quiet = a.Has("q");
-        foreach (var m in r.Messages) if (!quiet) e.WriteLine(m);
         if (output == "json")
         {
             using var ms = new MemoryStream();
