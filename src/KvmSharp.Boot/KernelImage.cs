@@ -96,6 +96,14 @@ public sealed class KernelImage
     /// <exception cref="BootException">The bzImage payload could not be decompressed.</exception>
     internal ElfKernel Elf => _elf ?? throw _payloadError ?? new BootException($"The kernel {Name} has no payload that KvmSharp can decompress.");
 
+    /// <summary>
+    /// Throws now what <see cref="LinuxLoader.Load"/> would throw for a bzImage whose payload cannot be
+    /// decompressed (corrupt, unknown format, larger than init_size or the guest's RAM), so a VMM can
+    /// refuse it before it creates a guest. Nothing to check for an ELF or when the kernel decompresses itself.
+    /// </summary>
+    /// <exception cref="BootException">The payload cannot be decompressed here.</exception>
+    public void EnsureDecompressible() => _ = Elf;
+
     /// <summary>The ELF file bytes the segments refer to.</summary>
     internal byte[] ElfBytes { get; private init; } = [];
 

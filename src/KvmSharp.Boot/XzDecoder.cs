@@ -17,6 +17,11 @@ internal static class XzDecoder
     private static readonly uint[] Crc32Table = MakeCrc32Table();
     private static readonly ulong[] Crc64Table = MakeCrc64Table();
 
+    /// <summary>Decodes a stream held in a span (a copy is made: the loader passes the kernel's array instead).</summary>
+    /// <exception cref="BootException">Malformed, unsupported or corrupt stream, or output above <paramref name="maxOutput"/> bytes.</exception>
+    public static byte[] Decode(ReadOnlySpan<byte> xz, int maxOutput, string name) =>
+        Decode(xz.ToArray(), 0, xz.Length, new OutputLimit(maxOutput, $"a limit of {maxOutput} bytes"), name);
+
     /// <summary>
     /// Decodes the stream in <paramref name="data"/>[<paramref name="offset"/>, +<paramref name="length"/>).
     /// The index is read first: the blocks' uncompressed sizes add up to the output size, which is

@@ -93,6 +93,8 @@ public sealed class Vm : IDisposable
         // the MMIO hole: no file larger than that can be loaded, so none is read.
         ulong room = Math.Min(config.MemoryBytes, MemoryLayout.MmioHoleStart) - LowMemory.HighMemory;
         var kernel = KernelImage.Load(config.KernelPath, room);
+        if (config.DecompressInVmm)
+            kernel.EnsureDecompressible();
         var template = CpuTemplate.Parse(config.CpuTemplate);
 
         var disks = new List<IBlockDevice>();
