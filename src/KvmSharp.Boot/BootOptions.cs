@@ -26,8 +26,9 @@ public sealed record BootOptions
     /// <summary>Kernel command line (ASCII, no NUL); at most <see cref="KernelImage.CommandLineMax"/> bytes.</summary>
     public string CommandLine { get; init; } = "";
 
-    /// <summary>Initial ramdisk contents; null or empty for none.</summary>
-    public byte[]? Initrd { get; init; }
+    /// <summary>Initial ramdisk (a file read straight into guest memory, or bytes); null or empty for none.
+    /// The caller owns it and disposes it after <see cref="LinuxLoader.Load"/>.</summary>
+    public InitrdImage? Initrd { get; init; }
 
     /// <summary>vCPUs described in the MP table (1 to <see cref="MpTable.MaxCpus"/>).</summary>
     public int CpuCount { get; init; } = 1;

@@ -51,6 +51,36 @@ internal sealed class ElfKernel
     public static bool HasElfMagic(ReadOnlySpan<byte> data) =>
         data.Length >= 4 && data[0] == 0x7f && data[1] == (byte)'E' && data[2] == (byte)'L' && data[3] == (byte)'F';
 
+    /// <summary>
+    /// How much of the file the loader uses: the end of the program header table and of every PT_LOAD
+    /// and PT_NOTE segment's file bytes, computed without overflow. Section headers, symbols and debug
+    /// info come after and are never read. Null when <paramref name="head"/> (the file's first bytes)
+    /// does not hold the whole program header table: then the whole file is what counts.
+    /// </summary>
+    public static ulong? FileExtent(ReadOnlySpan<byte> head)
+    {
+        if (head.Length < EhdrSize)
+            return null;
+        ulong phoff = Le.U64(head, 32);
+        ushort phentsize = Le.U16(head, 54);
+        ushort phnum = Le.U16(head, 56);
+        if (phentsize < PhdrSize || phnum > MaxProgramHeaders || phoff > (ulong)head.Length
+            || (ulong)phentsize * phnum > (ulong)head.Length - phoff)
+            return null;
+        ulong extent = phoff + (ulong)phentsize * phnum;
+        for (int i = 0; i < phnum; i++)
+        {
+            var ph = head.Slice((int)phoff + i * phentsize, PhdrSize);
+            uint ptype = Le.U32(ph, 0);
+            if (ptype != PtLoad && ptype != PtNote)
+                continue;
+            ulong offset = Le.U64(ph, 8);
+            ulong filesz = Le.U64(ph, 32);
+            extent = Math.Max(extent, filesz > ulong.MaxValue - offset ? ulong.MaxValue : offset + filesz);
+        }
+        return extent;
+    }
+
     /// <exception cref="BootException">The file is not a loadable ELF64 x86-64 executable.</exception>
     public static ElfKernel Parse(ReadOnlySpan<byte> data, string name)
     {

@@ -96,36 +96,59 @@ public sealed class KernelImage
     /// <exception cref="BootException">The bzImage payload could not be decompressed.</exception>
     internal ElfKernel Elf => _elf ?? throw _payloadError ?? new BootException($"The kernel {Name} has no payload that KvmSharp can decompress.");
 
+    /// <summary>
+    /// Throws now what <see cref="LinuxLoader.Load"/> would throw for a bzImage whose payload cannot be
+    /// decompressed (corrupt, unknown format, larger than init_size or the guest's RAM), so a VMM can
+    /// refuse it before it creates a guest. Nothing to check for an ELF or when the kernel decompresses itself.
+    /// </summary>
+    /// <exception cref="BootException">The payload cannot be decompressed here.</exception>
+    public void EnsureDecompressible() => _ = Elf;
+
     /// <summary>The ELF file bytes the segments refer to.</summary>
     internal byte[] ElfBytes { get; private init; } = [];
 
+    /// <summary>A kernel file is read into the VMM's memory whole (an ELF: up to the end of what its
+    /// program headers refer to); no kernel is near this, and a managed array could not hold 2 GiB.</summary>
+    internal const int MaxFileBytes = 1 << 30;
+
+    /// <summary>Enough of the file for the ELF header and the program headers of any vmlinux.</summary>
+    private const int HeadBytes = 64 << 10;
+
     /// <summary>Reads and parses a kernel file.</summary>
-    /// <exception cref="BootException">The file is missing, unreadable, or not a valid bzImage or ELF vmlinux.</exception>
-    public static KernelImage Load(string path)
+    /// <param name="path">The bzImage or ELF vmlinux.</param>
+    /// <param name="maxLoadBytes">Guest RAM the kernel can occupy (low RAM above 1 MiB). The bytes read
+    /// from the file and the decompressed payload are checked against it before they are read or
+    /// produced, so a huge or endless file costs the host nothing.</param>
+    /// <exception cref="BootException">The file is missing, unreadable, not a regular file, larger than
+    /// the guest can hold, or not a valid bzImage or ELF vmlinux.</exception>
+    public static KernelImage Load(string path, ulong maxLoadBytes = ulong.MaxValue)
     {
-        byte[] data;
-        try
-        {
-            data = File.ReadAllBytes(path);
-        }
-        catch (FileNotFoundException)
-        {
-            throw new BootException($"The kernel file {path} does not exist.");
-        }
-        catch (DirectoryNotFoundException)
-        {
-            throw new BootException($"The kernel file {path} does not exist.");
-        }
-        catch (Exception ex) when (ex is IOException or UnauthorizedAccessException)
-        {
-            throw new BootException($"The kernel file {path} cannot be read: {ex.Message}", ex);
-        }
-        return Parse(data, path);
+        using var f = BootFile.Open(path, "kernel");
+        long length = f.Length;
+        ulong bound = Math.Min(maxLoadBytes, MaxFileBytes);
+        string why = maxLoadBytes < MaxFileBytes ? $"the {maxLoadBytes >> 20} MiB of guest RAM it can be loaded into" : $"KvmSharp's {MaxFileBytes >> 20} MiB limit for a kernel file";
+
+        // An ELF vmlinux may carry symbols and debug info that are never loaded (hundreds of MiB):
+        // only the bytes up to the end of its last segment or note are read and counted.
+        byte[] head = new byte[Math.Min(length, HeadBytes)];
+        BootFile.ReadExactly(f, 0, head, "kernel");
+        long needed = length;
+        if (ElfKernel.HasElfMagic(head) && ElfKernel.FileExtent(head) is { } extent && extent < (ulong)length)
+            needed = (long)extent;
+        if ((ulong)needed > bound)
+            throw new BootException($"The kernel file {path} is {needed} bytes, more than {why}.");
+        byte[] data = new byte[needed];
+        head.AsSpan(0, (int)Math.Min(head.Length, needed)).CopyTo(data);
+        if (needed > head.Length)
+            BootFile.ReadExactly(f, head.Length, data.AsSpan(head.Length), "kernel");
+        return Parse(data, path, maxLoadBytes);
     }
 
     /// <summary>Parses a kernel held in memory; <paramref name="name"/> is used in messages.</summary>
+    /// <param name="maxLoadBytes">Guest RAM the kernel can occupy; a bzImage payload that would
+    /// decompress to more is refused as soon as its size claim or its output passes it.</param>
     /// <exception cref="BootException">Not a valid bzImage or ELF vmlinux.</exception>
-    public static KernelImage Parse(byte[] data, string name)
+    public static KernelImage Parse(byte[] data, string name, ulong maxLoadBytes = ulong.MaxValue)
     {
         ArgumentNullException.ThrowIfNull(data);
         ArgumentNullException.ThrowIfNull(name);
@@ -138,10 +161,10 @@ public sealed class KernelImage
                 ElfBytes = data,
             };
         }
-        return ParseBzImage(data, name);
+        return ParseBzImage(data, name, OutputLimit.Default.AtMost(maxLoadBytes, $"the {maxLoadBytes >> 20} MiB of guest RAM it can be loaded into"));
     }
 
-    private static KernelImage ParseBzImage(byte[] data, string name)
+    private static KernelImage ParseBzImage(byte[] data, string name, OutputLimit limit)
     {
         // boot.rst "THE REAL-MODE KERNEL HEADER": boot_flag at 0x1fe, header "HdrS" at 0x202.
         if (data.Length < 0x206 || Le.U16(data, 0x1fe) != BootFlagMagic || Le.U32(data, 0x202) != HdrSMagic)
@@ -193,7 +216,12 @@ public sealed class KernelImage
             {
                 try
                 {
-                    elfBytes = PayloadDecompressor.Decompress(data, start, (int)payloadLength, compression, name);
+                    // boot.rst init_size (2.10+): the memory the kernel needs from its load address while
+                    // it boots. It is at least the decompressed size (arch/x86/boot/header.S: ZO_INIT_SIZE
+                    // includes z_output_len), so an honest payload never produces more.
+                    if (version >= 0x020a && initSize != 0)
+                        limit = limit.AtMost(initSize, $"its setup header's init_size");
+                    elfBytes = PayloadDecompressor.Decompress(data, start, (int)payloadLength, compression, name, limit);
                     if (!ElfKernel.HasElfMagic(elfBytes))
                         throw new BootException($"The kernel {name}'s decompressed payload is not an ELF vmlinux.");
                     elf = ElfKernel.Parse(elfBytes, name + " (decompressed payload)");

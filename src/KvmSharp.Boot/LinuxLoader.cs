@@ -91,14 +91,14 @@ public static class LinuxLoader
 
         // 3. Initrd: as high as the kernel allows, below the MMIO hole / 4 GiB, above the kernel.
         ulong initrdAddr = 0, initrdSize = 0;
-        if (options.Initrd is { Length: > 0 } initrd)
+        if (options.Initrd is { Size: > 0 } initrd)
         {
-            initrdSize = (ulong)initrd.Length;
+            initrdSize = initrd.Size;
             ulong limit = Math.Min(Math.Min((ulong)kernel.InitrdAddressMax + 1, lowRamEnd), FourGiB);
             ulong lowest = AlignUp(Math.Max(kernelEnd, LowMemory.HighMemory), PageSize);
             if (initrdSize > limit || (initrdAddr = (limit - initrdSize) & ~(PageSize - 1)) < lowest)
                 throw new BootException($"Memory ({memory.TotalSize >> 20} MiB) is too small for kernel + initrd (the kernel ends at 0x{kernelEnd:x}, the {initrdSize}-byte initrd must end below 0x{limit:x}).");
-            memory.Write(new GuestAddress(initrdAddr), initrd);
+            initrd.CopyTo(memory, new GuestAddress(initrdAddr));
         }
 
         // 4. Boot information, GDT and page tables for the entry mode.

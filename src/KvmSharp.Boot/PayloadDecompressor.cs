@@ -9,11 +9,28 @@ using ZstdSharp;
 namespace KvmSharp.Boot;
 
 /// <summary>
+/// The most bytes a payload may decompress to, and why (said in the refusal): the smallest of
+/// KvmSharp's cap, the bzImage's init_size and the guest RAM the kernel can occupy.
+/// </summary>
+internal readonly record struct OutputLimit(int Bytes, string Why)
+{
+    /// <summary>Far above any kernel (~70 MiB), low enough that a decompression bomb cannot exhaust the host.</summary>
+    public static OutputLimit Default => new(PayloadDecompressor.MaxOutput, $"KvmSharp's {PayloadDecompressor.MaxOutput >> 20} MiB cap");
+
+    /// <summary>This limit, or <paramref name="bytes"/> when that is smaller.</summary>
+    public OutputLimit AtMost(ulong bytes, string why) => bytes < (ulong)Bytes ? new((int)bytes, why) : this;
+}
+
+/// <summary>
 /// Decompresses a bzImage payload natively. The kernel's own decompressor runs in guest ring 0, which
 /// a PVM host emulates instruction by instruction (&gt; 400 s for xz), so the VMM does it instead.
 /// The format is found from the payload's magic number (boot.rst: payload_offset). Every format but
 /// gzip has the uncompressed size appended as a 32-bit little-endian trailer (scripts/Makefile.lib
 /// size_append); gzip's ISIZE sits at the same place.
+/// <para>Memory: the output is one array of the size the stream really produces, allocated at the
+/// size the trailer (or the xz index) claims when that is within the <see cref="OutputLimit"/>;
+/// a claim above the limit is refused before anything is decoded, and a stream that produces more
+/// than the limit is stopped at the first byte past it. Decoders read the input in place.</para>
 /// </summary>
 internal static class PayloadDecompressor
 {
@@ -46,10 +63,18 @@ internal static class PayloadDecompressor
     }
 
     /// <exception cref="BootException">Unknown or unsupported format, corrupt data, or output above <see cref="MaxOutput"/>.</exception>
-    public static byte[] Decompress(byte[] data, int offset, int length, string format, string name)
+    public static byte[] Decompress(byte[] data, int offset, int length, string format, string name) =>
+        Decompress(data, offset, length, format, name, OutputLimit.Default);
+
+    /// <exception cref="BootException">Unknown or unsupported format, corrupt data, or output above <paramref name="limit"/>.</exception>
+    public static byte[] Decompress(byte[] data, int offset, int length, string format, string name, OutputLimit limit)
     {
         if (format == "none")
+        {
+            if (length > limit.Bytes)
+                throw TooBig(format, name, limit);
             return data.AsSpan(offset, length).ToArray();
+        }
         if (format == "lzo")
             throw new BootException($"The kernel {name} is lzo-compressed, which KvmSharp cannot decompress; boot it with in-VMM decompression off or rebuild it with another compression.");
         if (length < 8)
@@ -61,16 +86,21 @@ internal static class PayloadDecompressor
         // An xz stream ends in "YZ": when that is the payload's last two bytes, there is no trailer to strip.
         if (format == "xz" && data[offset + length - 2] == (byte)'Y' && data[offset + length - 1] == (byte)'Z')
             streamLength = length;
+        // The kernel's own decompressor trusts the trailer (arch/x86/boot/compressed/mkpiggy.c reads it as
+        // the output length): a claim above the limit is refused before a byte is decoded. xz is
+        // checked against its index instead, and lzma against its header.
+        if (format is "gzip" or "bzip2" or "zstd" or "lz4" && sizeHint > (uint)limit.Bytes)
+            throw TooBig(format, name, limit);
         try
         {
             return format switch
             {
-                "gzip" => ReadAll(new GZipStream(new MemoryStream(data, offset, streamLength, writable: false), System.IO.Compression.CompressionMode.Decompress), sizeHint, format, name),
-                "xz" => XzDecoder.Decode(data.AsSpan(offset, streamLength), MaxOutput, name),
-                "bzip2" => ReadAll(BZip2Stream.Create(new MemoryStream(data, offset, streamLength, writable: false), ScCompressionMode.Decompress, false, false, false), sizeHint, format, name),
-                "lzma" => DecompressLzma(data, offset, streamLength, sizeHint, name),
-                "zstd" => ReadAll(new DecompressionStream(new MemoryStream(data, offset, streamLength, writable: false), 1 << 17, true, false), sizeHint, format, name),
-                "lz4" => DecompressLz4Legacy(data.AsSpan(offset, streamLength), sizeHint, name),
+                "gzip" => ReadAll(new GZipStream(new MemoryStream(data, offset, streamLength, writable: false), System.IO.Compression.CompressionMode.Decompress), sizeHint, format, name, limit),
+                "xz" => XzDecoder.Decode(data, offset, streamLength, limit, name),
+                "bzip2" => ReadAll(BZip2Stream.Create(new MemoryStream(data, offset, streamLength, writable: false), ScCompressionMode.Decompress, false, false, false), sizeHint, format, name, limit),
+                "lzma" => DecompressLzma(data, offset, streamLength, sizeHint, name, limit),
+                "zstd" => ReadAll(new DecompressionStream(new MemoryStream(data, offset, streamLength, writable: false), 1 << 17, true, false), sizeHint, format, name, limit),
+                "lz4" => DecompressLz4Legacy(data.AsSpan(offset, streamLength), sizeHint, name, limit),
                 _ => throw new BootException($"The kernel {name}'s payload uses compression {format}, which KvmSharp does not know."),
             };
         }
@@ -85,26 +115,26 @@ internal static class PayloadDecompressor
     }
 
     /// <summary>Legacy .lzma: 5 property bytes, 8-byte size (often "unknown" when piped), then the raw stream.</summary>
-    private static byte[] DecompressLzma(byte[] data, int offset, int length, uint sizeHint, string name)
+    private static byte[] DecompressLzma(byte[] data, int offset, int length, uint sizeHint, string name, OutputLimit limit)
     {
         if (length < 13)
             throw new BootException($"The kernel {name}'s lzma payload is only {length} bytes.");
         byte[] props = data.AsSpan(offset, 5).ToArray();
         ulong declared = Le.U64(data, offset + 5);
-        long outSize = declared == ulong.MaxValue ? sizeHint : (long)Math.Min(declared, (ulong)MaxOutput + 1);
-        if (outSize > MaxOutput)
-            throw TooBig("lzma", name);
+        ulong outSize = declared == ulong.MaxValue ? sizeHint : declared;
+        if (outSize > (ulong)limit.Bytes)
+            throw TooBig("lzma", name, limit);
         // Cap the dictionary at the output size (at least 4 KiB): a larger one is never referenced,
         // and a hostile header could otherwise ask for a 4 GiB window.
         uint dict = Le.U32(props, 1);
         Le.W32(props, 1, (uint)Math.Max(4096, Math.Min(dict, outSize)));
         var input = new MemoryStream(data, offset + 13, length - 13, writable: false);
-        return ReadAll(LzmaStream.Create(props, input, length - 13, outSize, false), (uint)outSize, "lzma", name);
+        return ReadAll(LzmaStream.Create(props, input, length - 13, (long)outSize, false), (uint)outSize, "lzma", name, limit);
     }
 
-    private static byte[] DecompressLz4Legacy(ReadOnlySpan<byte> p, uint sizeHint, string name)
+    private static byte[] DecompressLz4Legacy(ReadOnlySpan<byte> p, uint sizeHint, string name, OutputLimit limit)
     {
-        var output = new MemoryStream(Math.Min((int)Math.Min(sizeHint, MaxOutput), 64 << 20));
+        var output = new Output(sizeHint, "lz4", name, limit);
         byte[] block = new byte[Lz4LegacyBlockSize];
         int pos = 4;
         while (p.Length - pos >= 4)
@@ -118,47 +148,77 @@ internal static class PayloadDecompressor
             int n = LZ4Codec.Decode(p.Slice(pos, (int)size), block);
             if (n < 0)
                 throw new BootException($"The kernel {name}'s lz4 payload is corrupt: block at offset {pos - 4} does not decode.");
-            if (output.Length + n > MaxOutput)
-                throw TooBig("lz4", name);
-            output.Write(block, 0, n);
+            output.Append(block.AsSpan(0, n));
             pos += (int)size;
         }
         return output.ToArray();
     }
 
-    private static byte[] ReadAll(Stream s, uint sizeHint, string format, string name)
+    private static byte[] ReadAll(Stream s, uint sizeHint, string format, string name, OutputLimit limit)
     {
         using (s)
         {
-            // The size trailer is only a hint (a hostile file can lie): start there, grow as needed, stop at the cap.
-            int capacity = (int)Math.Min(Math.Max(sizeHint, 1u << 16), 1u << 28);
-            byte[] buf = new byte[capacity];
-            int n = 0;
-            while (true)
+            var output = new Output(sizeHint, format, name, limit);
+            while (output.ReadFrom(s))
             {
-                if (n == buf.Length)
-                {
-                    if (buf.Length >= MaxOutput)
-                    {
-                        // Full at the cap: one more byte means a bomb.
-                        if (s.ReadByte() < 0)
-                            break;
-                        throw TooBig(format, name);
-                    }
-                    Array.Resize(ref buf, (int)Math.Min((long)buf.Length * 2, MaxOutput));
-                }
-                int r = s.Read(buf, n, buf.Length - n);
-                if (r <= 0)
-                    break;
-                n += r;
             }
-            if (n == 0)
-                throw new BootException($"The kernel {name}'s {format} payload decompresses to nothing.");
-            Array.Resize(ref buf, n);
-            return buf;
+            return output.ToArray();
         }
     }
 
-    private static BootException TooBig(string format, string name) =>
-        new($"The kernel {name}'s {format} payload decompresses to more than {MaxOutput >> 20} MiB; refusing it as a decompression bomb.");
+    /// <summary>
+    /// The output buffer: starts at the claimed size (the trailer is only a hint: a hostile file can
+    /// lie), doubles when a stream produces more, and refuses the first byte past the limit. An honest
+    /// claim means one allocation and no copy.
+    /// </summary>
+    private struct Output(uint sizeHint, string format, string name, OutputLimit limit)
+    {
+        private byte[] _buffer = new byte[sizeHint is > 0 && sizeHint <= (uint)limit.Bytes ? (int)sizeHint : Math.Min(limit.Bytes, 1 << 16)];
+        private int _length;
+
+        /// <summary>Reads once from <paramref name="s"/>; false at its end.</summary>
+        public bool ReadFrom(Stream s)
+        {
+            if (_length == _buffer.Length)
+            {
+                // Full: only a stream that has more needs a bigger buffer.
+                int b = s.ReadByte();
+                if (b < 0)
+                    return false;
+                Grow(1);
+                _buffer[_length++] = (byte)b;
+            }
+            int r = s.Read(_buffer, _length, _buffer.Length - _length);
+            _length += Math.Max(r, 0);
+            return r > 0;
+        }
+
+        public void Append(ReadOnlySpan<byte> data)
+        {
+            Grow(data.Length);
+            data.CopyTo(_buffer.AsSpan(_length));
+            _length += data.Length;
+        }
+
+        private void Grow(int more)
+        {
+            long needed = (long)_length + more;
+            if (needed > limit.Bytes)
+                throw TooBig(format, name, limit);
+            if (needed > _buffer.Length)
+                Array.Resize(ref _buffer, (int)Math.Min(Math.Max(needed, (long)_buffer.Length * 2), limit.Bytes));
+        }
+
+        public byte[] ToArray()
+        {
+            if (_length == 0)
+                throw new BootException($"The kernel {name}'s {format} payload decompresses to nothing.");
+            if (_length != _buffer.Length)
+                Array.Resize(ref _buffer, _length);
+            return _buffer;
+        }
+    }
+
+    internal static BootException TooBig(string format, string name, OutputLimit limit) =>
+        new($"The kernel {name}'s {format} payload decompresses to more than {limit.Bytes} bytes ({limit.Why}); refusing it as a decompression bomb.");
 }

@@ -17,9 +17,21 @@ internal static class XzDecoder
     private static readonly uint[] Crc32Table = MakeCrc32Table();
     private static readonly ulong[] Crc64Table = MakeCrc64Table();
 
-    /// <exception cref="BootException">Malformed, unsupported or corrupt stream, or output above <paramref name="maxOutput"/>.</exception>
-    public static byte[] Decode(ReadOnlySpan<byte> xz, int maxOutput, string name)
+    /// <summary>Decodes a stream held in a span (a copy is made: the loader passes the kernel's array instead).</summary>
+    /// <exception cref="BootException">Malformed, unsupported or corrupt stream, or output above <paramref name="maxOutput"/> bytes.</exception>
+    public static byte[] Decode(ReadOnlySpan<byte> xz, int maxOutput, string name) =>
+        Decode(xz.ToArray(), 0, xz.Length, new OutputLimit(maxOutput, $"a limit of {maxOutput} bytes"), name);
+
+    /// <summary>
+    /// Decodes the stream in <paramref name="data"/>[<paramref name="offset"/>, +<paramref name="length"/>).
+    /// The index is read first: the blocks' uncompressed sizes add up to the output size, which is
+    /// checked against <paramref name="limit"/> before anything is decoded, and each block is decoded
+    /// straight into its place in the one output array (no per-block copies, no growing stream).
+    /// </summary>
+    /// <exception cref="BootException">Malformed, unsupported or corrupt stream, or output above <paramref name="limit"/>.</exception>
+    public static byte[] Decode(byte[] data, int offset, int length, OutputLimit limit, string name)
     {
+        var xz = new ReadOnlySpan<byte>(data, offset, length);
         string what = $"The kernel {name}'s xz payload";
         // Stream padding (zeros, multiple of 4) may follow the footer.
         int end = xz.Length;
@@ -50,14 +62,28 @@ internal static class XzDecoder
         if (records > 4096)
             throw new BootException($"{what} has {records} blocks; at most 4096 are accepted.");
 
-        var output = new MemoryStream();
+        // Pass 1 (.xz 1.1.0 §4.3, Index Records): the output size, bounded before any allocation.
+        int recordsStart = ip;
+        ulong total = 0;
+        for (ulong r = 0; r < records; r++)
+        {
+            ReadVarint(index, ref ip, what); // unpadded size, checked in pass 2
+            ulong uncompressed = ReadVarint(index, ref ip, what);
+            if (uncompressed > (ulong)limit.Bytes - total)
+                throw PayloadDecompressor.TooBig("xz", name, limit);
+            total += uncompressed;
+        }
+        if (total == 0)
+            throw new BootException($"{what} decompresses to nothing.");
+
+        byte[] output = new byte[(int)total];
+        int outPos = 0;
         int pos = 12;
+        ip = recordsStart;
         for (ulong r = 0; r < records; r++)
         {
             ulong unpadded = ReadVarint(index, ref ip, what);
-            ulong uncompressed = ReadVarint(index, ref ip, what);
-            if (uncompressed > (ulong)(maxOutput - output.Length))
-                throw new BootException($"{what} decompresses to more than {maxOutput >> 20} MiB; refusing it as a decompression bomb.");
+            int uncompressed = (int)ReadVarint(index, ref ip, what);
             if (pos >= indexStart)
                 throw new BootException($"{what} has more index records than blocks.");
             int headerSize = (xz[pos] + 1) * 4;
@@ -73,27 +99,28 @@ internal static class XzDecoder
             if ((long)checkPos + checkSize > indexStart)
                 throw new BootException($"{what} has a block at offset {pos} that runs into the index.");
 
-            byte[] block = new byte[(int)uncompressed];
-            using (var lz = LzmaStream.Create([EffectiveDictProp(dictProp, uncompressed)], new MemoryStream(xz.Slice(dataStart, dataLength).ToArray(), false), dataLength, (long)uncompressed, null, true, false))
+            var input = new MemoryStream(data, offset + dataStart, dataLength, writable: false);
+            using (var lz = LzmaStream.Create([EffectiveDictProp(dictProp, (ulong)uncompressed)], input, dataLength, uncompressed, null, true, false))
             {
                 int n = 0;
-                while (n < block.Length)
+                while (n < uncompressed)
                 {
-                    int got = lz.Read(block, n, block.Length - n);
+                    int got = lz.Read(output, outPos + n, uncompressed - n);
                     if (got <= 0)
                         throw new BootException($"{what} ends early in block {r}: {n} of {uncompressed} bytes.");
                     n += got;
                 }
             }
+            var block = output.AsSpan(outPos, uncompressed);
             if (x86Start is { } start)
                 X86BcjDecode(block, start);
             VerifyCheck(check, block, xz.Slice(checkPos, checkSize), what, r);
-            output.Write(block);
+            outPos += uncompressed;
             pos = checkPos + checkSize;
         }
         if (pos != indexStart)
             throw new BootException($"{what} has data between its last block and its index.");
-        return output.ToArray();
+        return output;
     }
 
     /// <summary>Block header: flags, optional sizes, filter flags. Accepts [x86 BCJ,] LZMA2 only.</summary>
@@ -161,7 +188,7 @@ internal static class XzDecoder
         throw new BootException($"{what} has a malformed variable-length integer.");
     }
 
-    private static void VerifyCheck(int check, byte[] data, ReadOnlySpan<byte> stored, string what, ulong block)
+    private static void VerifyCheck(int check, ReadOnlySpan<byte> data, ReadOnlySpan<byte> stored, string what, ulong block)
     {
         bool ok = check switch
         {

@@ -24,20 +24,22 @@ internal static class ConfigFile
     private const int MinMemMib = 16;
     private const int MaxMemMib = 1 << 20; // 1 TiB, as VmConfig.Validate
 
-    /// <exception cref="ArgumentException">The file is absent, unreadable, not JSON, or not a valid VM description.</exception>
+    /// <exception cref="ArgumentException">The file is absent, unreadable, larger than 1 MiB, not JSON, or not a valid VM description.</exception>
     /// <exception cref="VmConfigException">A kernel, initrd or disk image it names does not exist.</exception>
     public static VmConfig Load(string path)
     {
         byte[] bytes;
+        bool seekable;
         try
         {
             if (Directory.Exists(path))
                 throw new ArgumentException($"{path}: is a directory, not a config file");
-            using var f = File.OpenRead(path);
-            if (f.Length > MaxFileBytes)
-                throw new ArgumentException($"{path}: is {f.Length} bytes; a config file is at most {MaxFileBytes} bytes");
-            bytes = new byte[f.Length];
-            f.ReadExactly(bytes);
+            // bufferSize 0: reads go straight into our buffer. A pipe (`--config <(…)`, /dev/stdin) has no
+            // length and cannot seek, so the file is read to its end, never more than MaxFileBytes + 1 bytes:
+            // /dev/zero or an endless pipe costs 1 MiB, not the host's memory.
+            using var f = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite, bufferSize: 0);
+            seekable = f.CanSeek;
+            bytes = ReadBounded(f, MaxFileBytes, path);
         }
         catch (Exception e) when (e is FileNotFoundException or DirectoryNotFoundException)
         {
@@ -47,8 +49,33 @@ internal static class ConfigFile
         {
             throw new ArgumentException($"{path}: cannot be read ({e.Message})", e);
         }
-        string baseDir = Path.GetDirectoryName(Path.GetFullPath(path)) ?? "/";
+        // Relative paths are relative to the file, except for a pipe: /dev/fd/63's directory means
+        // nothing to the user who wrote `--config <(…)`, so those resolve against the current directory.
+        string baseDir = seekable ? Path.GetDirectoryName(Path.GetFullPath(path)) ?? "/" : Directory.GetCurrentDirectory();
         return Parse(bytes, path, baseDir);
+    }
+
+    /// <summary>Reads <paramref name="f"/> to its end, refusing it as soon as it holds more than
+    /// <paramref name="max"/> bytes; the length a regular file reports is only a first guess.</summary>
+    private static byte[] ReadBounded(Stream f, int max, string path)
+    {
+        byte[] buffer = new byte[f.CanSeek ? (int)Math.Clamp(f.Length + 1, 1, max + 1L) : 64 << 10];
+        int n = 0;
+        while (true)
+        {
+            if (n == buffer.Length)
+            {
+                if (n > max)
+                    throw new ArgumentException($"{path}: is larger than {max} bytes; a config file is at most {max} bytes");
+                Array.Resize(ref buffer, Math.Min(buffer.Length * 2, max + 1));
+            }
+            int r = f.Read(buffer, n, buffer.Length - n);
+            if (r == 0)
+                break;
+            n += r;
+        }
+        Array.Resize(ref buffer, n);
+        return buffer;
     }
 
     /// <summary>Parses the file's bytes; <paramref name="name"/> starts every error message and

@@ -14,6 +14,9 @@ internal static class RunCommand
         try
         {
             config = args.Contains("--config") ? LoadConfigFile(args) : Parse(args);
+            // Numbers against each other (balloon against memory …): a usage error, found before any file is read.
+            if (config.CheckValues() is { } problem)
+                throw new ArgumentException(problem);
         }
         catch (ArgumentException e)
         {
@@ -29,9 +32,13 @@ internal static class RunCommand
         {
             vm = Vm.Create(config);
         }
-        catch (Exception e) when (e is VmConfigException or BootException or NativeException or IOException or UnauthorizedAccessException or ArgumentException)
+        catch (Exception e)
         {
-            return Program.Fail(e.Message, 1);
+            // Vm.Create disposed what it had created. Whatever went wrong is one line and exit 1 (a stack
+            // trace helps nobody who gave a bad disk image); KVMSHARP_VERBOSE=1 shows the whole exception.
+            if (Environment.GetEnvironmentVariable("KVMSHARP_VERBOSE") == "1")
+                System.Console.Error.WriteLine(e);
+            return Program.Fail(OneLine(e.Message), 1);
         }
 
         using (vm)
@@ -46,6 +53,8 @@ internal static class RunCommand
             return exit.Code;
         }
     }
+
+    private static string OneLine(string message) => message.ReplaceLineEndings(" ").Trim();
 
     /// <summary><c>run --config FILE</c>. The file is the whole description: mixing it with other
     /// options is refused rather than merged, so what runs is exactly what the file says.</summary>

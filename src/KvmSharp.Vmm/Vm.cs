@@ -5,6 +5,7 @@ using KvmSharp.Boot.Acpi;
 using KvmSharp.Devices;
 using KvmSharp.Devices.Pci;
 using KvmSharp.Devices.Virtio;
+using KvmSharp.Images;
 using KvmSharp.Interop;
 using KvmSharp.Kvm;
 using KvmSharp.Memory;
@@ -75,49 +76,109 @@ public sealed class Vm : IDisposable
 
     internal bool StopRequested => Volatile.Read(ref _stopRequested) != 0;
 
-    /// <summary>Builds the VM: memory, in-kernel irqchip and PIT, devices, kernel, vCPUs.</summary>
-    /// <exception cref="VmConfigException">The configuration cannot work.</exception>
+    /// <summary>
+    /// Builds the VM: memory, in-kernel irqchip and PIT, devices, kernel, vCPUs. The kernel, initrd and
+    /// disk images are opened and checked first, before KVM: a bad input costs no KVM objects and no
+    /// guest RAM, and its size is checked against the guest's RAM layout before it is read. Whatever
+    /// fails, everything created so far is disposed before the exception leaves.
+    /// </summary>
+    /// <exception cref="VmConfigException">The configuration cannot work, or a disk image cannot be used.</exception>
     /// <exception cref="BootException">The kernel or initrd cannot be loaded.</exception>
     /// <exception cref="NativeException">KVM or the host refused something.</exception>
     public static Vm Create(VmConfig config, int consoleOutFd = 1, int consoleInFd = 0, TextWriter? diagnostics = null)
     {
         config.Validate();
         diagnostics ??= System.Console.Error;
-        var kernel = KernelImage.Load(config.KernelPath);
-        byte[]? initrd = config.InitrdPath is null ? null : File.ReadAllBytes(config.InitrdPath);
+        // The kernel's segments and the initrd go in low RAM above 1 MiB (LowMemory.HighMemory), below
+        // the MMIO hole: no file larger than that can be loaded, so none is read.
+        ulong room = Math.Min(config.MemoryBytes, MemoryLayout.MmioHoleStart) - LowMemory.HighMemory;
+        var kernel = KernelImage.Load(config.KernelPath, room);
+        if (config.DecompressInVmm)
+            kernel.EnsureDecompressible();
         var template = CpuTemplate.Parse(config.CpuTemplate);
 
-        var kvm = KvmSystem.Open();
+        var disks = new List<IBlockDevice>();
+        InitrdImage? initrd = null;
+        KvmSystem? kvm = null;
         KvmVm? vmFd = null;
         GuestMemory? memory = null;
+        Vm? vm = null;
         try
         {
+            initrd = config.InitrdPath is null ? null : InitrdImage.Open(config.InitrdPath, room);
+            foreach (var d in config.Disks)
+                disks.Add(OpenDisk(d));
+
+            kvm = KvmSystem.Open();
             vmFd = kvm.CreateVm();
             memory = GuestMemory.CreateAnonymous(MemoryLayout.RamRanges(config.MemoryBytes),
                 new GuestMemoryOptions { Mergeable = config.Mergeable, HugePages = config.HugePages, Prefault = config.Prefault });
             bool pvm = config.PvmCompat ?? KvmSystem.IsPvmHost;
-            var vm = new Vm(config, kvm, vmFd, memory, diagnostics) { IsPvm = pvm };
-            try
-            {
-                vm.Build(kernel, initrd, template, consoleOutFd, consoleInFd);
-                return vm;
-            }
-            catch
-            {
-                vm.Dispose();
-                throw;
-            }
+            vm = new Vm(config, kvm, vmFd, memory, diagnostics) { IsPvm = pvm };
+            vm._owned.AddRange(disks); // from here on the VM disposes them
+            vm.Build(kernel, initrd, disks, template, consoleOutFd, consoleInFd);
+            return vm;
         }
-        catch when (memory is null || vmFd is null)
+        catch (Exception e)
         {
-            memory?.Dispose();
-            vmFd?.Dispose();
-            kvm.Dispose();
-            throw;
+            if (vm is not null)
+            {
+                DisposeAfterFailure(vm);
+            }
+            else
+            {
+                foreach (var d in disks)
+                    DisposeAfterFailure(d);
+                if (memory is not null)
+                    DisposeAfterFailure(memory);
+                if (vmFd is not null)
+                    DisposeAfterFailure(vmFd);
+                if (kvm is not null)
+                    DisposeAfterFailure(kvm);
+            }
+            if (e is VmConfigException or BootException or NativeException)
+                throw;
+            // Anything else (a guest-memory or argument check deep in device setup) is still one
+            // sentence for the user; the original stays as the inner exception for diagnostics.
+            throw new VmConfigException($"Cannot build the VM: {e.Message}", e);
+        }
+        finally
+        {
+            initrd?.Dispose(); // copied into guest memory by Build, or not needed
         }
     }
 
-    private void Build(KernelImage kernel, byte[]? initrd, CpuTemplate template, int consoleOutFd, int consoleInFd)
+    /// <summary>Opens a disk image; a bad one (corrupt header, missing backing file) is one sentence naming it.</summary>
+    private static IBlockDevice OpenDisk(DiskConfig d)
+    {
+        try
+        {
+            return BlockDeviceFactory.Open(d.Path, d.ReadOnly, d.Format);
+        }
+        catch (ImageException e)
+        {
+            string where = e.Path == d.Path ? e.ToUserString() : $"{d.Path}: {e.ToUserString()}";
+            throw new VmConfigException($"Disk image {where}", e);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new VmConfigException($"Disk image {d.Path} cannot be opened: {e.Message}", e);
+        }
+    }
+
+    /// <summary>Cleanup on a path that is already failing: a second error must not replace the first.</summary>
+    private static void DisposeAfterFailure(IDisposable d)
+    {
+        try
+        {
+            d.Dispose();
+        }
+        catch (Exception e) when (e is IOException or InvalidOperationException or ObjectDisposedException or ImageException)
+        {
+        }
+    }
+
+    private void Build(KernelImage kernel, InitrdImage? initrd, List<IBlockDevice> disks, CpuTemplate template, int consoleOutFd, int consoleInFd)
     {
         _consoleOutFd = consoleOutFd;
         for (int i = 0; i < Memory.Regions.Count; i++)
@@ -147,7 +208,7 @@ public sealed class Vm : IDisposable
             PioBus.Insert(new DebugExit(v => RequestStop(VmExit.Of(VmExitKind.DebugExit, $"guest wrote 0x{v:x} to the debug-exit port", v))), 0xF4, 1);
 
         ulong? rsdp = Config.Acpi ? BuildPlatform() : null;
-        AddVirtioDevices();
+        AddVirtioDevices(disks);
 
         string commandLine = Config.CommandLine + _mmioCommandLine;
         EffectiveCommandLine = IsPvm ? PvmCompat.AdjustCommandLine(commandLine) : commandLine;
@@ -206,16 +267,14 @@ public sealed class Vm : IDisposable
     }
 
     /// <summary>The virtio devices of the config, on virtio-pci or (opt-in) virtio-mmio.</summary>
-    private void AddVirtioDevices()
+    private void AddVirtioDevices(List<IBlockDevice> disks)
     {
         if (Config.Rng)
             AddVirtio(new VirtioRng());
         for (int i = 0; i < Config.Disks.Count; i++)
         {
             var d = Config.Disks[i];
-            var image = KvmSharp.Images.BlockDeviceFactory.Open(d.Path, d.ReadOnly, d.Format);
-            _owned.Add(image);
-            AddVirtio(new VirtioBlock(image, d.Serial, d.ReadOnly, log: _log));
+            AddVirtio(new VirtioBlock(disks[i], d.Serial, d.ReadOnly, log: _log));
         }
         if (Config.BalloonMiB is { } balloonMiB)
         {

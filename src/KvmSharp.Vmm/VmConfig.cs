@@ -54,13 +54,29 @@ public sealed record VmConfig
     /// <summary>Populate guest RAM before the guest starts (see GuestMemoryOptions.Prefault).</summary>
     public bool Prefault { get; init; }
 
+    /// <summary>
+    /// The first number that is out of range or inconsistent with another (vCPUs, memory, balloon
+    /// against memory), as one sentence naming the option; null when they are all usable. Arithmetic
+    /// only, no files and no KVM, and overflow-safe for any value, so a front end can report it as a
+    /// usage error before anything is opened.
+    /// </summary>
+    public string? CheckValues()
+    {
+        if (CpuCount < 1 || CpuCount > MaxVcpus)
+            return $"--cpus must be between 1 and {MaxVcpus}, not {CpuCount}.";
+        if (MemoryBytes < (16UL << 20) || MemoryBytes > (1UL << 40) || MemoryBytes % 4096 != 0)
+            return $"--memory must be a multiple of 4 KiB between 16 MiB and 1 TiB, not {MemoryBytes} bytes.";
+        // b MiB >= memory, without computing b << 20 (which wraps for b >= 2^44 and let 16 TiB through).
+        if (BalloonMiB is { } b && b > (MemoryBytes - 1) >> 20)
+            return $"--balloon {b} MiB would take all of the guest's {MemoryBytes >> 20} MiB.";
+        return null;
+    }
+
     /// <summary>Throws <see cref="VmConfigException"/> with one clear sentence when the config cannot work.</summary>
     public void Validate()
     {
-        if (CpuCount < 1 || CpuCount > MaxVcpus)
-            throw new VmConfigException($"--cpus must be between 1 and {MaxVcpus}, not {CpuCount}.");
-        if (MemoryBytes < (16UL << 20) || MemoryBytes > (1UL << 40) || MemoryBytes % 4096 != 0)
-            throw new VmConfigException($"--memory must be a multiple of 4 KiB between 16 MiB and 1 TiB, not {MemoryBytes} bytes.");
+        if (CheckValues() is { } problem)
+            throw new VmConfigException(problem);
         if (!File.Exists(KernelPath))
             throw new VmConfigException($"Kernel file {KernelPath} does not exist.");
         if (InitrdPath is not null && !File.Exists(InitrdPath))
@@ -70,8 +86,6 @@ public sealed record VmConfig
             if (!File.Exists(d.Path))
                 throw new VmConfigException($"Disk image {d.Path} does not exist.");
         }
-        if (BalloonMiB is { } b && b * 1024 * 1024 >= MemoryBytes)
-            throw new VmConfigException($"--balloon {b} MiB would take all of the guest's memory.");
         if (!Acpi && !VirtioMmio && (Rng || Nets.Count > 0 || Disks.Count > 0 || BalloonMiB.HasValue || VirtioConsole))
             throw new VmConfigException("Virtio-pci devices need PCI, which comes with ACPI: drop --no-acpi or use --transport mmio.");
     }
