@@ -74,17 +74,26 @@ internal static class XzDecoder
                 throw new BootException($"{what} has a block at offset {pos} that runs into the index.");
 
             byte[] block = new byte[(int)uncompressed];
-            using (var lz = LzmaStream.Create([EffectiveDictProp(dictProp, uncompressed)], new MemoryStream(xz.Slice(dataStart, dataLength).ToArray(), false), dataLength, (long)uncompressed, null, true, false))
+            int n = 0;
+            try
             {
-                int n = 0;
+                using var lz = LzmaStream.Create([EffectiveDictProp(dictProp, uncompressed)], new MemoryStream(xz.Slice(dataStart, dataLength).ToArray(), false), dataLength, (long)uncompressed, null, true, false);
                 while (n < block.Length)
                 {
                     int got = lz.Read(block, n, block.Length - n);
                     if (got <= 0)
-                        throw new BootException($"{what} ends early in block {r}: {n} of {uncompressed} bytes.");
+                        break;
                     n += got;
                 }
             }
+            catch (Exception ex) when (ex is not OutOfMemoryException)
+            {
+                // SharpCompress's LZMA2 decoder reports corrupt data with its own exceptions
+                // (DataErrorException, found by fuzz/ target xz); this method's contract is BootException.
+                throw new BootException($"{what} has corrupt LZMA2 data in block {r}: {ex.Message}", ex);
+            }
+            if (n < block.Length)
+                throw new BootException($"{what} ends early in block {r}: {n} of {uncompressed} bytes.");
             if (x86Start is { } start)
                 X86BcjDecode(block, start);
             VerifyCheck(check, block, xz.Slice(checkPos, checkSize), what, r);
