@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing of the parsers of hostile input (fuzz/README.md): afl-fuzz (Debian afl++)
-# drives SharpFuzz-instrumented copies of KvmSharp.Images/KvmSharp.Boot in one process per target.
+# drives SharpFuzz-instrumented copies of KvmSharp.Images/KvmSharp.Boot (a child process per target
+# that runs input after input; a fatal error in it is recorded as a crash).
 #   scripts/fuzz.sh TARGET SECONDS      run one target (qcow2, kernel, xz, payload); on a crash or
 #                                       hang prints the input paths and exits 1
 #   scripts/fuzz.sh --ci [SECONDS]      every target for SECONDS (default 60), one line each, last
@@ -66,13 +67,16 @@ run() {
   cp fuzz/corpus/"$t"/* "$seeds"/
   [ -d fuzz/regressions/"$t" ] && cp fuzz/regressions/"$t"/* "$seeds"/ 2>/dev/null
   AFL_SKIP_BIN_CHECK=1 AFL_NO_AFFINITY=1 AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 \
-  AFL_NO_UI=1 AFL_FORKSRV_INIT_TMOUT=60000 DOTNET_GCHeapHardLimit=$(heap_limit "$t") \
+  AFL_NO_UI=1 AFL_DEBUG_CHILD=1 AFL_FORKSRV_INIT_TMOUT=60000 DOTNET_GCHeapHardLimit=$(heap_limit "$t") \
     nice afl-fuzz -i "$seeds" -o "$findings" -V "$secs" -t "$(timeout_ms "$t")" -m none \
       -- dotnet "$INSTR/KvmSharp.Fuzz.dll" "$t" >"$findings/afl.log" 2>&1
   local rc=$? stats=$findings/default/fuzzer_stats
-  if [ ! -f "$stats" ]; then
-    echo "fuzz $t: failed: afl-fuzz did not start (exit $rc); see $findings/afl.log"
-    tail -n 5 "$findings/afl.log" >&2
+  if [ ! -f "$stats" ] || [ "$rc" != 0 ]; then
+    # An abort mid-run ("Unable to communicate with fork server") means the target process died
+    # in a way the fork server did not survive; the input afl was running is .cur_input.
+    echo "fuzz $t: failed: afl-fuzz exited with $rc; see $findings/afl.log"
+    grep -a -m1 "PROGRAM ABORT" -A1 "$findings/afl.log" | sed 's/\x1b\[[0-9;]*m//g; s/^/  /'
+    [ -f "$findings/default/.cur_input" ] && echo "  last input: $findings/default/.cur_input"
     return 1
   fi
   local stat; stat() { sed -n "s/^$1 *: *//p" "$stats"; }

@@ -3,8 +3,8 @@ using SharpFuzz;
 namespace KvmSharp.Fuzz;
 
 /// <summary>
-/// <c>KvmSharp.Fuzz TARGET</c> under afl-fuzz, from the instrumented copy (SharpFuzz's in-process
-/// fork server: one process, many inputs); <c>KvmSharp.Fuzz TARGET FILE...</c> from the plain build
+/// <c>KvmSharp.Fuzz TARGET</c> under afl-fuzz, from the instrumented copy (SharpFuzz's
+/// out-of-process fork server: one child process runs many inputs and is restarted when it dies); <c>KvmSharp.Fuzz TARGET FILE...</c> from the plain build
 /// runs files once each and prints "accepted" or the refusal, to reproduce a crash or check seeds.
 /// Targets: qcow2, kernel, xz, payload. See fuzz/README.md.
 /// </summary>
@@ -35,8 +35,11 @@ internal static class Program
             }
             return 0;
         }
+        // Out of process: the fork server keeps running when an input kills the process outright
+        // (stack overflow, a fatal runtime error), so afl records that input as a crash instead of
+        // aborting with "Unable to communicate with fork server" (seen with the in-process server).
         var buffer = new MemoryStream();
-        Fuzzer.Run(stream =>
+        Fuzzer.OutOfProcess.Run(stream =>
         {
             buffer.SetLength(0);
             stream.CopyTo(buffer);
