@@ -18,7 +18,7 @@ SHARPFUZZ_VERSION=2.3.0          # NuGet SharpFuzz.CommandLine, same as the Shar
 TARGETS=(qcow2 kernel xz payload)
 OUT=$ROOT/out/fuzz
 PLAIN=$OUT/plain
-INSTR=$OUT/instrumented
+INSTR=                           # set by build()
 
 die() { echo "fuzz: $*" >&2; exit 2; }
 
@@ -40,17 +40,19 @@ setup() {
 build() {
   nice dotnet build fuzz/KvmSharp.Fuzz/KvmSharp.Fuzz.csproj -c Release -o "$PLAIN" -nologo -v quiet >"$OUT/build.log" 2>&1 \
     || { cat "$OUT/build.log" >&2; die "build failed"; }
-  # Instrument a fresh copy; the plain build stays for --replay (instrumented code needs afl's
-  # shared memory and faults without it). Skipped when the build did not change, so runs of
-  # other targets can go on meanwhile.
-  local stamp; stamp=$(cat "$PLAIN"/*.dll | md5sum)
-  [ -f "$INSTR/.stamp" ] && [ "$(cat "$INSTR/.stamp")" = "$stamp" ] && return 0
-  rm -rf "$INSTR.new" && cp -r "$PLAIN" "$INSTR.new" || die "cannot copy the build"
+  # Instrument a copy per build (out/fuzz/instrumented/<hash of the dlls>): runs of other targets
+  # started from an older build keep theirs, and an unchanged build is not instrumented again.
+  # The plain build stays for --replay (instrumented code needs afl's shared memory).
+  local stamp; stamp=$(cat "$PLAIN"/*.dll | md5sum | cut -c1-16)
+  INSTR=$OUT/instrumented/$stamp
+  [ -f "$INSTR/.done" ] && return 0
+  find "$OUT/instrumented" -mindepth 1 -maxdepth 1 -mtime +1 -exec rm -rf {} + 2>/dev/null
+  mkdir -p "$OUT/instrumented" && rm -rf "$INSTR.new" && cp -r "$PLAIN" "$INSTR.new" || die "cannot copy the build"
   local s=$OUT/tools/sharpfuzz
   { "$s" "$INSTR.new/KvmSharp.Images.dll" && "$s" "$INSTR.new/KvmSharp.Boot.dll" \
       && "$s" "$INSTR.new/SharpCompress.dll" SharpCompress.Compressors.LZMA; } >"$OUT/instrument.log" 2>&1 \
     || { cat "$OUT/instrument.log" >&2; die "instrumentation failed"; }
-  echo "$stamp" >"$INSTR.new/.stamp"
+  touch "$INSTR.new/.done"
   rm -rf "$INSTR" && mv "$INSTR.new" "$INSTR"
 }
 

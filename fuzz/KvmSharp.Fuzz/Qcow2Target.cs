@@ -1,10 +1,12 @@
 using KvmSharp.Images;
 using KvmSharp.Images.Qcow2;
+using KvmSharp.Images.Tool;
 
 namespace KvmSharp.Fuzz;
 
 /// <summary>
-/// Fuzz target "qcow2": the bytes are a qcow2 file. It is opened read-only (no backing chain: a
+/// Fuzz target "qcow2": the bytes are a qcow2 file. `img info` (json and human) and `img snapshot -l`
+/// run on it; then it is opened read-only (no backing chain: a
 /// hostile backing name must not make the fuzzer open host files), read at a few places spread over
 /// the virtual disk, its snapshot table listed and checked as `img check` does; then opened
 /// read-write and repaired as `img check -r all` does, and written to. The only documented outcome
@@ -19,6 +21,14 @@ internal static class Qcow2Target
     {
         string path = Path.Combine(scratchDirectory, "input.qcow2");
         File.WriteAllBytes(path, data.ToArray());
+        // The img front end turns OverflowException/FormatException into "img: invalid number: …",
+        // which is right for command-line numbers but hides an unchecked field of the image.
+        foreach (string[] args in (string[][])[["info", "--output=json", path], ["info", path], ["snapshot", "-l", path]])
+        {
+            var stderr = new StringWriter();
+            if (ImgCommand.Run(args, TextWriter.Null, stderr) != 0 && stderr.ToString().StartsWith("img: invalid number", StringComparison.Ordinal))
+                throw new InvalidOperationException($"img {args[0]} reported a number error for an image: {stderr}");
+        }
         try
         {
             using (var img = BlockDeviceFactory.OpenQcow2(path, readOnly: true))
