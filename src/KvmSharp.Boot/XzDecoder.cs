@@ -100,17 +100,26 @@ internal static class XzDecoder
                 throw new BootException($"{what} has a block at offset {pos} that runs into the index.");
 
             var input = new MemoryStream(data, offset + dataStart, dataLength, writable: false);
-            using (var lz = LzmaStream.Create([EffectiveDictProp(dictProp, (ulong)uncompressed)], input, dataLength, uncompressed, null, true, false))
+            int n = 0;
+            try
             {
-                int n = 0;
+                using var lz = LzmaStream.Create([EffectiveDictProp(dictProp, (ulong)uncompressed)], input, dataLength, uncompressed, null, true, false);
                 while (n < uncompressed)
                 {
                     int got = lz.Read(output, outPos + n, uncompressed - n);
                     if (got <= 0)
-                        throw new BootException($"{what} ends early in block {r}: {n} of {uncompressed} bytes.");
+                        break;
                     n += got;
                 }
             }
+            catch (Exception ex) when (ex is not OutOfMemoryException)
+            {
+                // SharpCompress's LZMA2 decoder reports corrupt data with its own exceptions
+                // (DataErrorException, found by fuzz/ target xz); this method's contract is BootException.
+                throw new BootException($"{what} has corrupt LZMA2 data in block {r}: {ex.Message}", ex);
+            }
+            if (n < uncompressed)
+                throw new BootException($"{what} ends early in block {r}: {n} of {uncompressed} bytes.");
             var block = output.AsSpan(outPos, uncompressed);
             if (x86Start is { } start)
                 X86BcjDecode(block, start);
