@@ -89,6 +89,7 @@ trap 'exit 143' TERM
     export -p | grep -Ev '^declare -x (OLDPWD|PWD|SHLVL|_|TMPDIR|TMP|TEMP|DISPLAY|SSH_[A-Z_]*|DBUS_[A-Z_]*|XDG_RUNTIME_DIR)(=|$)'
     # TMPDIR on the L1's tmpfs: the .NET runtime, vstest and the tests make sockets/FIFOs there.
     echo 'export TMPDIR=/run/tmp DOTNET_EnableDiagnostics=0 MSBUILDDISABLENODEREUSE=1 DOTNET_CLI_USE_MSBUILD_SERVER=0 KVMSHARP_IN_NESTED_HOST=1'
+    [ -t 0 ] && [ -t 1 ] || echo 'export TERM=dumb'   # ttyS0 is a terminal in there: no escape codes for a pipe
     printf 'cd -- %q || exit 126\n' "$PWD"
     printf 'exec'; printf ' %q' "$@"; echo
 } > "$job/cmd.sh"

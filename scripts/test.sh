@@ -67,15 +67,28 @@ if [ "$tiers" != kvm ]; then
   done
 fi
 
-if [ "$tiers" != unit ] && [ "$kvm_where" = nested ]; then
-  stamp "the nested KVM host itself"
-  scripts/test-kvm-host.sh 2>&1 | tee "$log"
+# Add a script's plain "N passed, N failed" line to the counts (none: one failure).
+count_plain() { # name
+  local line f
   line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | tail -n 1)
   if [ -n "$line" ]; then
     passed=$((passed + ${line%% passed*})); f=${line#*, }; failed=$((failed + ${f%% failed}))
   else
-    echo "scripts/test-kvm-host.sh: no summary" >&2; failed=$((failed + 1))
+    echo "$1: no summary" >&2; failed=$((failed + 1))
   fi
+}
+
+if [ "$tiers" != kvm ]; then
+  # Each fuzz target for a short time box over its committed corpus (fuzz/README.md); a crash fails.
+  stamp "fuzz targets, ${KVMSHARP_FUZZ_SECONDS:-30} s each"
+  scripts/fuzz.sh --ci "${KVMSHARP_FUZZ_SECONDS:-30}" 2>&1 | tee "$log"
+  count_plain scripts/fuzz.sh
+fi
+
+if [ "$tiers" != unit ] && [ "$kvm_where" = nested ]; then
+  stamp "the nested KVM host itself"
+  scripts/test-kvm-host.sh 2>&1 | tee "$log"
+  count_plain scripts/test-kvm-host.sh
 fi
 
 if [ "$tiers" != unit ]; then
