@@ -27,6 +27,13 @@ public static class RegisterDump
             sb.Append($"  R12={r.r12:x16} R13={r.r13:x16} R14={r.r14:x16} R15={r.r15:x16}\n");
             sb.Append($"  CR0={s.cr0:x8} CR2={s.cr2:x16} CR3={s.cr3:x16} CR4={s.cr4:x8} EFER={s.efer:x}\n");
             sb.Append($"  CS={s.cs.selector:x4} base={s.cs.@base:x} l={s.cs.l} db={s.cs.db}  SS={s.ss.selector:x4}  GDT={s.gdt.@base:x}/{s.gdt.limit:x} IDT={s.idt.@base:x}/{s.idt.limit:x}\n");
+            if (IsResetState(r, s))
+            {
+                // AMD SVM: KVM reinitializes the VMCB after a SHUTDOWN intercept (arch/x86/kvm/svm/svm.c,
+                // shutdown_interception), so what the guest had at the triple fault is gone.
+                sb.Append("  (this is the x86 reset state: on AMD hosts KVM resets the vCPU on a triple fault, so the faulting state is lost)\n");
+                return sb.ToString();
+            }
 
             Span<byte> code = stackalloc byte[15];
             int len;
@@ -50,6 +57,10 @@ public static class RegisterDump
         }
         return sb.ToString();
     }
+
+    /// <summary>RIP 0xfff0 with CS base 0xffff0000 and paging off: the state INIT/RESET leaves (SDM Vol. 3 §10.1.1; APM Vol. 2 §14.1.3).</summary>
+    private static bool IsResetState(in kvm_regs r, in kvm_sregs s) =>
+        r.rip == 0xFFF0 && s.cs.selector == 0xF000 && s.cs.@base == 0xFFFF0000 && (s.cr0 & 0x8000_0001) == 0;
 
     public static string Disassemble(ReadOnlySpan<byte> code, int bitness, ulong ip)
     {
