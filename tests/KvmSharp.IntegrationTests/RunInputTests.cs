@@ -103,9 +103,9 @@ public sealed class RunInputTests : IDisposable
         Assets.RequireBinary();
         string huge = Sparse("huge.img", 3L << 29); // 1.5 GiB
         // --memory 64M: 63 MiB of low RAM above 1 MiB is all a kernel or initrd could occupy.
-        AssertOneLineError(1, $"The kernel file {huge} is 1610612736 bytes, more than the 63 MiB of guest RAM",
+        AssertOneLineError(1, $"Memory is too small for the kernel file {huge}: it is 1610612736 bytes, more than the 63 MiB of guest RAM",
             [HeapLimit, Assets.Binary, "run", "--kernel", huge, "--memory", "64M"], env: true);
-        AssertOneLineError(1, $"The initrd file {huge} is 1610612736 bytes, more than the 63 MiB of guest RAM",
+        AssertOneLineError(1, $"Memory is too small for the initrd file {huge}: it is 1610612736 bytes, more than the 63 MiB of guest RAM",
             [HeapLimit, Assets.Binary, "run", "--kernel", _kernel, "--initrd", huge, "--memory", "64M"], env: true);
     }
 
