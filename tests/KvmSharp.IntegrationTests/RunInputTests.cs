@@ -165,6 +165,18 @@ public sealed class RunInputTests : IDisposable
         AssertOneLineError(1, $"Disk image {orphan}", [.. boot, "--disk", $"{orphan},format=qcow2"]);
     }
 
+    /// <summary>A failure after KVM is opened (here: guest RAM from hugetlbfs on a host that reserved no
+    /// huge pages) is one line and exit 1 too, with the KVM objects disposed.</summary>
+    [Fact]
+    public void FailureAfterKvmIsOpenedIsOneLineAndExit1()
+    {
+        Assets.RequireBinary();
+        Assets.RequireKvm();
+        if (!File.ReadLines("/proc/meminfo").Contains("HugePages_Total:       0"))
+            Assert.Skip("this host has huge pages reserved, so --hugepages would not fail");
+        AssertOneLineError(1, "MAP_HUGETLB", "run", "--kernel", _kernel, "--memory", "64M", "--debug-exit", "--hugepages");
+    }
+
     private string WriteConfig(string json)
     {
         string path = Path.Combine(_dir, $"vm-{Guid.NewGuid():N}.json");
