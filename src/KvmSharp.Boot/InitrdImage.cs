@@ -41,7 +41,7 @@ public sealed class InitrdImage : IDisposable
         if (size > maxBytes)
         {
             f.Dispose();
-            throw new BootException($"The initrd file {path} is {size} bytes, more than the {maxBytes >> 20} MiB of guest RAM it could be placed in.");
+            throw new BootException($"Memory is too small for the initrd file {path}: it is {size} bytes, more than the {maxBytes >> 20} MiB of guest RAM it could be placed in.");
         }
         return new InitrdImage(path, size, f, null);
     }

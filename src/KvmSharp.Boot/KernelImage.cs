@@ -126,7 +126,6 @@ public sealed class KernelImage
         using var f = BootFile.Open(path, "kernel");
         long length = f.Length;
         ulong bound = Math.Min(maxLoadBytes, MaxFileBytes);
-        string why = maxLoadBytes < MaxFileBytes ? $"the {maxLoadBytes >> 20} MiB of guest RAM it can be loaded into" : $"KvmSharp's {MaxFileBytes >> 20} MiB limit for a kernel file";
 
         // An ELF vmlinux may carry symbols and debug info that are never loaded (hundreds of MiB):
         // only the bytes up to the end of its last segment or note are read and counted.
@@ -136,7 +135,11 @@ public sealed class KernelImage
         if (ElfKernel.HasElfMagic(head) && ElfKernel.FileExtent(head) is { } extent && extent < (ulong)length)
             needed = (long)extent;
         if ((ulong)needed > bound)
-            throw new BootException($"The kernel file {path} is {needed} bytes, more than {why}.");
+        {
+            throw new BootException(maxLoadBytes < MaxFileBytes
+                ? $"Memory is too small for the kernel file {path}: it is {needed} bytes, more than the {maxLoadBytes >> 20} MiB of guest RAM it can be loaded into."
+                : $"The kernel file {path} is {needed} bytes, more than KvmSharp's {MaxFileBytes >> 20} MiB limit for a kernel file.");
+        }
         byte[] data = new byte[needed];
         head.AsSpan(0, (int)Math.Min(head.Length, needed)).CopyTo(data);
         if (needed > head.Length)
@@ -161,7 +164,7 @@ public sealed class KernelImage
                 ElfBytes = data,
             };
         }
-        return ParseBzImage(data, name, OutputLimit.Default.AtMost(maxLoadBytes, $"the {maxLoadBytes >> 20} MiB of guest RAM it can be loaded into"));
+        return ParseBzImage(data, name, OutputLimit.Default.AtMost(maxLoadBytes, $"the {maxLoadBytes >> 20} MiB of guest RAM it can be loaded into", guestRam: true));
     }
 
     private static KernelImage ParseBzImage(byte[] data, string name, OutputLimit limit)

@@ -11,14 +11,16 @@ namespace KvmSharp.Boot;
 /// <summary>
 /// The most bytes a payload may decompress to, and why (said in the refusal): the smallest of
 /// KvmSharp's cap, the bzImage's init_size and the guest RAM the kernel can occupy.
+/// <see cref="GuestRam"/>: the limit is the guest's RAM, so passing it means the guest is too small
+/// (not that the payload is a bomb).
 /// </summary>
-internal readonly record struct OutputLimit(int Bytes, string Why)
+internal readonly record struct OutputLimit(int Bytes, string Why, bool GuestRam = false)
 {
     /// <summary>Far above any kernel (~70 MiB), low enough that a decompression bomb cannot exhaust the host.</summary>
     public static OutputLimit Default => new(PayloadDecompressor.MaxOutput, $"KvmSharp's {PayloadDecompressor.MaxOutput >> 20} MiB cap");
 
     /// <summary>This limit, or <paramref name="bytes"/> when that is smaller.</summary>
-    public OutputLimit AtMost(ulong bytes, string why) => bytes < (ulong)Bytes ? new((int)bytes, why) : this;
+    public OutputLimit AtMost(ulong bytes, string why, bool guestRam = false) => bytes < (ulong)Bytes ? new((int)bytes, why, guestRam) : this;
 }
 
 /// <summary>
@@ -219,6 +221,7 @@ internal static class PayloadDecompressor
         }
     }
 
-    internal static BootException TooBig(string format, string name, OutputLimit limit) =>
-        new($"The kernel {name}'s {format} payload decompresses to more than {limit.Bytes} bytes ({limit.Why}); refusing it as a decompression bomb.");
+    internal static BootException TooBig(string format, string name, OutputLimit limit) => limit.GuestRam
+        ? new($"Memory is too small for the kernel {name}: its {format} payload decompresses to more than {limit.Why}.")
+        : new($"The kernel {name}'s {format} payload decompresses to more than {limit.Bytes} bytes ({limit.Why}); refusing it as a decompression bomb.");
 }

@@ -96,6 +96,8 @@ public sealed class Vm : IDisposable
         if (config.DecompressInVmm)
             kernel.EnsureDecompressible();
         var template = CpuTemplate.Parse(config.CpuTemplate);
+        if (config.HugePages)
+            CheckHugePages(config.MemoryBytes);
 
         var disks = new List<IBlockDevice>();
         InitrdImage? initrd = null;
@@ -146,6 +148,45 @@ public sealed class Vm : IDisposable
         {
             initrd?.Dispose(); // copied into guest memory by Build, or not needed
         }
+    }
+
+    /// <summary>
+    /// Guest RAM is mapped MAP_HUGETLB | MAP_NORESERVE, so mmap succeeds even when the host has no huge
+    /// pages, and the first write to guest memory is a SIGBUS that kills the process. Counting the free,
+    /// unreserved huge pages of the default size first (Documentation/admin-guide/mm/hugetlbpage.rst,
+    /// /proc/meminfo) turns that into one sentence. Racy against other users of the pool, but those are
+    /// the host's administrator's to size.
+    /// </summary>
+    private static void CheckHugePages(ulong memoryBytes)
+    {
+        ulong free = 0, reserved = 0, pageKiB = 0;
+        try
+        {
+            foreach (string line in File.ReadLines("/proc/meminfo"))
+            {
+                var parts = line.Split(' ', StringSplitOptions.RemoveEmptyEntries);
+                if (parts.Length >= 2 && ulong.TryParse(parts[1], System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out ulong v))
+                {
+                    switch (parts[0])
+                    {
+                        case "HugePages_Free:": free = v; break;
+                        case "HugePages_Rsvd:": reserved = v; break;
+                        case "Hugepagesize:": pageKiB = v; break;
+                    }
+                }
+            }
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            return; // no /proc: let mmap decide
+        }
+        if (pageKiB == 0)
+            throw new VmConfigException("--hugepages: this host's kernel has no huge pages (no Hugepagesize in /proc/meminfo).");
+        ulong pageBytes = pageKiB << 10;
+        ulong needed = memoryBytes / pageBytes + (memoryBytes % pageBytes != 0 ? 1UL : 0UL);
+        ulong available = free > reserved ? free - reserved : 0;
+        if (available < needed)
+            throw new VmConfigException($"--hugepages needs {needed} free huge pages of {pageKiB} kB for {memoryBytes >> 20} MiB of guest RAM; the host has {available} (reserve them with /proc/sys/vm/nr_hugepages).");
     }
 
     /// <summary>Opens a disk image; a bad one (corrupt header, missing backing file) is one sentence naming it.</summary>

@@ -56,9 +56,9 @@ public sealed class InputBoundsTests : IDisposable
         long bytes = Allocated(() =>
         {
             var e = Assert.Throws<BootException>(() => KernelImage.Load(huge, 63 * MiB));
-            Assert.Equal($"The kernel file {huge} is 1610612736 bytes, more than the 63 MiB of guest RAM it can be loaded into.", e.Message);
+            Assert.Equal($"Memory is too small for the kernel file {huge}: it is 1610612736 bytes, more than the 63 MiB of guest RAM it can be loaded into.", e.Message);
             e = Assert.Throws<BootException>(() => InitrdImage.Open(huge, 63 * MiB));
-            Assert.Equal($"The initrd file {huge} is 1610612736 bytes, more than the 63 MiB of guest RAM it could be placed in.", e.Message);
+            Assert.Equal($"Memory is too small for the initrd file {huge}: it is 1610612736 bytes, more than the 63 MiB of guest RAM it could be placed in.", e.Message);
             // Without a guest to compare with, a kernel file is still capped.
             Assert.Contains("KvmSharp's 1024 MiB limit", Assert.Throws<BootException>(() => KernelImage.Load(Sparse("huger", 3L << 30))).Message);
         });
@@ -126,7 +126,7 @@ public sealed class InputBoundsTests : IDisposable
 
         // init_size allows it, the guest's RAM does not.
         k = KernelImage.Parse(GzipBzImage(9 << 20, initSize: 16 << 20), "bz", maxLoadBytes: 8 * MiB);
-        Assert.Contains("(the 8 MiB of guest RAM it can be loaded into)", Assert.Throws<BootException>(() => k.Elf).Message);
+        Assert.Equal("Memory is too small for the kernel bz: its gzip payload decompresses to more than the 8 MiB of guest RAM it can be loaded into.", Assert.Throws<BootException>(() => k.Elf).Message);
 
         // Both allow it: it loads.
         k = KernelImage.Parse(GzipBzImage(9 << 20, initSize: 16 << 20), "bz", maxLoadBytes: 63 * MiB);

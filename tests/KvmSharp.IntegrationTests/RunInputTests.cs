@@ -103,9 +103,9 @@ public sealed class RunInputTests : IDisposable
         Assets.RequireBinary();
         string huge = Sparse("huge.img", 3L << 29); // 1.5 GiB
         // --memory 64M: 63 MiB of low RAM above 1 MiB is all a kernel or initrd could occupy.
-        AssertOneLineError(1, $"The kernel file {huge} is 1610612736 bytes, more than the 63 MiB of guest RAM",
+        AssertOneLineError(1, $"Memory is too small for the kernel file {huge}: it is 1610612736 bytes, more than the 63 MiB of guest RAM",
             [HeapLimit, Assets.Binary, "run", "--kernel", huge, "--memory", "64M"], env: true);
-        AssertOneLineError(1, $"The initrd file {huge} is 1610612736 bytes, more than the 63 MiB of guest RAM",
+        AssertOneLineError(1, $"Memory is too small for the initrd file {huge}: it is 1610612736 bytes, more than the 63 MiB of guest RAM",
             [HeapLimit, Assets.Binary, "run", "--kernel", _kernel, "--initrd", huge, "--memory", "64M"], env: true);
     }
 
@@ -163,6 +163,27 @@ public sealed class RunInputTests : IDisposable
         AssertOneLineError(1, $"Disk image {corrupt}", [.. boot, "--disk", corrupt]);
         AssertOneLineError(1, "gone.qcow2", [.. boot, "--disk", $"{orphan},format=qcow2"]);
         AssertOneLineError(1, $"Disk image {orphan}", [.. boot, "--disk", $"{orphan},format=qcow2"]);
+    }
+
+    /// <summary>Guest RAM from hugetlbfs on a host without free huge pages: one line and exit 1 (it
+    /// was a SIGBUS, exit 135, at the first write to guest memory: mmap with MAP_NORESERVE succeeds).</summary>
+    [Fact]
+    public void HugePagesWithoutFreeHugePagesIsOneLineAndExit1()
+    {
+        Assets.RequireBinary();
+        if (!File.ReadLines("/proc/meminfo").Contains("HugePages_Free:        0"))
+            Assert.Skip("this host has free huge pages, so --hugepages would work");
+        AssertOneLineError(1, "--hugepages needs 32 free huge pages of 2048 kB for 64 MiB of guest RAM; the host has 0", "run", "--kernel", _kernel, "--memory", "64M", "--debug-exit", "--hugepages");
+    }
+
+    /// <summary>A failure after KVM is opened (here: a TAP name the kernel refuses) is one line and
+    /// exit 1 too, with the KVM objects disposed.</summary>
+    [Fact]
+    public void FailureAfterKvmIsOpenedIsOneLineAndExit1()
+    {
+        Assets.RequireBinary();
+        Assets.RequireKvm();
+        AssertOneLineError(1, "kvmsharp: ", "run", "--kernel", _kernel, "--memory", "64M", "--debug-exit", "--net", "tap=no/slash");
     }
 
     private string WriteConfig(string json)
