@@ -130,8 +130,23 @@ internal static class PayloadDecompressor
         // and a hostile header could otherwise ask for a 4 GiB window.
         uint dict = Le.U32(props, 1);
         Le.W32(props, 1, (uint)Math.Max(4096, Math.Min(dict, outSize)));
-        var input = new MemoryStream(data, offset + 13, length - 13, writable: false);
+        var input = new EndCheckedStream(data, offset + 13, length - 13);
         return ReadAll(LzmaStream.Create(props, input, length - 13, (long)outSize, false), (uint)outSize, "lzma", name, limit);
+    }
+
+    /// <summary>
+    /// The compressed bytes for SharpCompress's LZMA decoder, whose range decoder reads input with
+    /// <c>(byte)ReadByte()</c>: past the end it would decode endless 0xFF bytes, so a 23-byte payload
+    /// with a large size trailer ran for seconds and ~500 MB before failing (found by fuzz target
+    /// payload). A valid stream never needs a byte after its end, so running past it is corruption.
+    /// </summary>
+    private sealed class EndCheckedStream(byte[] data, int offset, int length) : MemoryStream(data, offset, length, writable: false)
+    {
+        public override int ReadByte()
+        {
+            int b = base.ReadByte();
+            return b >= 0 ? b : throw new InvalidDataException("the compressed data ends before the stream does");
+        }
     }
 
     private static byte[] DecompressLz4Legacy(ReadOnlySpan<byte> p, uint sizeHint, string name, OutputLimit limit)

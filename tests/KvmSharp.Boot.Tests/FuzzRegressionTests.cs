@@ -1,3 +1,4 @@
+using System.Globalization;
 using KvmSharp.Fuzz;
 using KvmSharp.Memory;
 using Xunit;
@@ -7,7 +8,8 @@ namespace KvmSharp.Boot.Tests;
 /// <summary>
 /// Every input the fuzzer found (fuzz/regressions/TARGET) and every seed (fuzz/corpus/TARGET) goes
 /// through the fuzz target's own code (fuzz/KvmSharp.Fuzz/*Target.cs, compiled in here) and must end
-/// in success or a <see cref="BootException"/> — anything else escapes and fails the test.
+/// in success or a <see cref="BootException"/> — anything else escapes and fails the test — and
+/// within a CPU budget (an input must not cost far more than it holds).
 /// </summary>
 public class FuzzRegressionTests
 {
@@ -31,11 +33,23 @@ public class FuzzRegressionTests
         return data;
     }
 
+    /// <summary>CPU budget per input: the seeds take milliseconds; the lzma payload in
+    /// fuzz/regressions/payload decoded 512 MiB of garbage (6 s of CPU, 950 MB) before it was refused.</summary>
+    private static readonly TimeSpan CpuBudget = TimeSpan.FromSeconds(1);
+
     [Theory]
     [MemberData(nameof(Inputs))]
-    public void Input_ends_in_success_or_BootException(string target, string file)
+    public void Input_ends_in_success_or_BootException_within_its_means(string target, string file)
     {
         byte[] data = File.ReadAllBytes(Path.Combine(RepoRoot(), file));
+        TimeSpan cpu = ThreadCpuTime();
+        Run(target, data);
+        // CPU time of this thread, not wall time: other test classes run in parallel.
+        Assert.InRange(ThreadCpuTime() - cpu, TimeSpan.Zero, CpuBudget);
+    }
+
+    private static void Run(string target, byte[] data)
+    {
         switch (target)
         {
             case "kernel":
@@ -58,6 +72,16 @@ public class FuzzRegressionTests
         string dir = Path.Combine(RepoRoot(), "fuzz", "corpus", "payload");
         foreach (string file in Directory.GetFiles(dir))
             Assert.Null(XzTarget.RunPayload(File.ReadAllBytes(file)));
+    }
+
+    /// <summary>utime + stime of the calling thread (proc(5): /proc/thread-self/stat fields 14 and 15, in clock ticks of 10 ms).</summary>
+    private static TimeSpan ThreadCpuTime()
+    {
+        string stat = File.ReadAllText("/proc/thread-self/stat");
+        string[] f = stat[(stat.LastIndexOf(')') + 2)..].Split(' ');
+        // f[0] is field 3 (state), so field n is f[n - 3].
+        long ticks = long.Parse(f[11], CultureInfo.InvariantCulture) + long.Parse(f[12], CultureInfo.InvariantCulture);
+        return TimeSpan.FromMilliseconds(ticks * 10);
     }
 
     private static string RepoRoot()
