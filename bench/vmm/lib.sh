@@ -90,7 +90,9 @@ where() {
 conditions() {
     echo "host: $(uname -r), $(where), kvm module: $(kvm_kind)," \
          "load average $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%FT%TZ)"
-    echo "kvmsharp: $KS_KIND, commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)$(git -C "$ROOT" diff --quiet HEAD -- src 2>/dev/null || echo ' + uncommitted src changes');" \
+    local tree
+    tree=$(git -C "$(dirname "${KVMSHARP:-$ROOT/out/kvmsharp}")" rev-parse --show-toplevel 2>/dev/null || echo "$ROOT")
+    echo "kvmsharp: $KS_KIND, its tree $tree at commit $(git -C "$tree" rev-parse --short HEAD 2>/dev/null)$(git -C "$tree" diff --quiet HEAD -- src 2>/dev/null || echo ' + uncommitted src changes') (now; the binary may be older); bench scripts at $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null);" \
          "$($QEMU --version | head -1)"
 }
 
