@@ -7,14 +7,15 @@
 # else (process start, ring-0 set-up, exit), so
 #     µs per exit = (median wall(100k) − median wall(0)) / 100,000.
 # Runs are interleaved round-robin. Goal (issue 2): kvmsharp <= 1.05x refvmm.
-#   ROUNDS (default 7), WARMUP (default 1)
+#   ROUNDS (default 7), WARMUP (default 1), RUN_TIMEOUT (s per run, default 600: a hung run is killed
+#   and counted as failed)
 . "$(dirname "$0")/lib.sh"
 ROUNDS=${ROUNDS:-7}; WARMUP=${WARMUP:-1}; COUNT=100000
 build_all; find_kvmsharp
 echo "### per-exit cost: $COUNT ring-3 port writes ($ROUNDS interleaved rounds after $WARMUP warm-up)"
 echo
 echo "before: $(conditions)"
-res=$("$B/interleave" -r "$ROUNDS" -w "$WARMUP" -x 1 -o "$B/exits.raw" -- \
+res=$("$B/interleave" -r "$ROUNDS" -w "$WARMUP" -x 1 -t "${RUN_TIMEOUT:-600}" -o "$B/exits.raw" -- \
     kvmsharp-100k "$KS run --memory 128M --debug-exit --kernel $B/exits.elf" \
     refvmm-100k   "$B/refvmm -m 128 $B/exits.elf" \
     kvmsharp-0    "$KS run --memory 128M --debug-exit --kernel $B/exits0.elf" \

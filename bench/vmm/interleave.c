@@ -2,16 +2,19 @@
  * whole process with CLOCK_MONOTONIC from fork to waitpid — start-up, guest and tear-down included.
  * Interleaving makes the commands share the same load conditions on a busy host.
  *
- *   interleave [-r ROUNDS] [-w WARMUP] [-x EXIT] [-o RAW] -- LABEL 'CMD ARGS' [LABEL 'CMD ARGS' ...]
+ *   interleave [-r ROUNDS] [-w WARMUP] [-x EXIT] [-o RAW] [-t SECONDS] -- LABEL 'CMD ARGS' [LABEL 'CMD ARGS' ...]
  *
  * CMD is split on blanks (no shell, no quoting) and run with stdin, stdout and stderr on /dev/null.
  * A run whose exit status differs from EXIT (default 1, the isa-debug-exit code of a write of 0)
- * is counted as failed and left out. Prints one TSV line per label:
+ * is counted as failed and left out. -t: a run still going after SECONDS is killed (SIGKILL, status
+ * 137) and counted as failed, so that one hung VMM does not stop the whole benchmark. Prints one TSV line per label:
  *   label  runs  failed  median_ms  q1_ms  q3_ms  min_ms  max_ms  cpu_median_ms
  *   ... cpu_median_ms  (user + system CPU time of the process and its waited-for children, wait4)
  * and, with -o, every sample as "round label wall_ns status cpu_ns" lines.
  */
+#include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -45,6 +48,16 @@ static double quantile(uint64_t *v, int n, double q)
     return i + 1 < n ? v[i] * (1 - f) + v[i + 1] * f : v[i];
 }
 
+static volatile pid_t child;
+static unsigned timeout_s;
+
+static void on_alarm(int sig)
+{
+    (void)sig;
+    if (child > 0)
+        kill(child, SIGKILL);
+}
+
 static int run(char **argv, uint64_t *ns, uint64_t *cpu)
 {
     uint64_t t0 = now_ns();
@@ -58,8 +71,15 @@ static int run(char **argv, uint64_t *ns, uint64_t *cpu)
     }
     int status;
     struct rusage ru;
-    if (wait4(pid, &status, 0, &ru) < 0) { perror("wait4"); exit(2); }
+    child = pid;
+    if (timeout_s)
+        alarm(timeout_s);
+    while (wait4(pid, &status, 0, &ru) < 0) {
+        if (errno != EINTR) { perror("wait4"); exit(2); }
+    }
     *ns = now_ns() - t0;
+    alarm(0);
+    child = 0;
     *cpu = (uint64_t)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000000000u
          + (uint64_t)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) * 1000u;
     return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
@@ -69,12 +89,16 @@ int main(int argc, char **argv)
 {
     int rounds = 10, warmup = 1, expect = 1, opt;
     const char *raw = NULL;
-    while ((opt = getopt(argc, argv, "r:w:x:o:")) != -1) {
+    struct sigaction sa = { .sa_handler = on_alarm };   /* no SA_RESTART: wait4 returns EINTR */
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGALRM, &sa, NULL);
+    while ((opt = getopt(argc, argv, "r:w:x:o:t:")) != -1) {
         switch (opt) {
         case 'r': rounds = atoi(optarg); break;
         case 'w': warmup = atoi(optarg); break;
         case 'x': expect = atoi(optarg); break;
         case 'o': raw = optarg; break;
+        case 't': timeout_s = (unsigned)atoi(optarg); break;
         default: return 2;
         }
     }
@@ -87,7 +111,7 @@ int main(int argc, char **argv)
             args[n][k++] = tok;
         args[n][k] = NULL;
     }
-    if (n == 0) { fprintf(stderr, "usage: interleave [-r R] [-w W] [-x EXIT] [-o RAW] -- LABEL CMD ...\n"); return 2; }
+    if (n == 0) { fprintf(stderr, "usage: interleave [-r R] [-w W] [-x EXIT] [-o RAW] [-t SECONDS] -- LABEL CMD ...\n"); return 2; }
     FILE *rf = raw ? fopen(raw, "w") : NULL;
     uint64_t *samples[MAXCMD], *cpus[MAXCMD];
     int count[MAXCMD] = { 0 }, failed[MAXCMD] = { 0 };

@@ -8,7 +8,7 @@
 # Goal (issue 2): kvmsharp overhead <= 5 MiB.
 . "$(dirname "$0")/lib.sh"
 RUNS=${RUNS:-5}
-build_all; find_kvmsharp
+build_all; find_kvmsharp; detect_qemu_cpu
 [ -n "${MEM_DEBUG:-}" ] && set -x
 G=$B/mem.elf
 MEM_KB=$((128 * 1024)); TOUCHED_KB=$((4096 * 4))
