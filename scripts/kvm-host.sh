@@ -15,6 +15,7 @@
 #   KVMSHARP_KVM_HOST=auto|direct|nested  where to run (default auto: direct if /dev/kvm opens)
 #   KVMSHARP_L1_CPUS    vCPUs of the nested host (default: this machine's cores)
 #   KVMSHARP_L1_MEMORY  its RAM (default 12G; TCG allocates only what the guest touches)
+#   KVMSHARP_L1_TCG_THREAD  multi (default: one host thread per vCPU) or single (one for all)
 #   KVMSHARP_HOST_TIMEOUT  seconds before the nested host is killed (default 7200; --timeout wins)
 #   KVMSHARP_CACHE      guest cache (see guest/build.sh)
 #
@@ -37,7 +38,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 if [ $# -eq 0 ] && [ "$where" = 0 ]; then
-    sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 fi
 case "$timeout_s" in ''|*[!0-9]*) echo "kvm-host: --timeout needs whole seconds, not '$timeout_s'" >&2; exit 2 ;; esac
@@ -96,6 +97,7 @@ trap 'exit 143' TERM
 
 cpus=${KVMSHARP_L1_CPUS:-$(nproc)}
 mem=${KVMSHARP_L1_MEMORY:-12G}
+tcg_thread=${KVMSHARP_L1_TCG_THREAD:-multi}
 append="console=ttyS1 panic=-1 loglevel=4 kvmhost.job=$job kvmhost.modules=$modules"
 signal=on
 if [ -t 0 ] && [ -t 1 ]; then                     # interactive: Ctrl-C goes to the guest
@@ -110,7 +112,7 @@ set +e
 # would be /dev/null, so the terminal (interactive) is handed over as fd 4.
 if [ "$signal" = off ]; then exec 4<&0; else exec 4</dev/null; fi
 timeout --foreground -k 10 "$timeout_s" \
-    qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp "$cpus" -m "$mem" -M pc \
+    qemu-system-x86_64 -accel "tcg,thread=$tcg_thread" -cpu max -smp "$cpus" -m "$mem" -M pc \
         -nodefaults -no-user-config -display none -no-reboot \
         -kernel "$kernel" -initrd "$initrd" -append "$append" \
         -chardev stdio,id=io,signal=$signal -serial chardev:io \
