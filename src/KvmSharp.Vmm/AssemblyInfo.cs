@@ -1,3 +1,4 @@
 using System.Runtime.CompilerServices;
 
 [assembly: InternalsVisibleTo("KvmSharp.IntegrationTests")]
+[assembly: InternalsVisibleTo("KvmSharp.Vmm.Tests")]
