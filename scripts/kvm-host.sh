@@ -16,6 +16,8 @@
 #   KVMSHARP_L1_CPUS    vCPUs of the nested host (default: this machine's cores)
 #   KVMSHARP_L1_MEMORY  its RAM (default 12G; TCG allocates only what the guest touches)
 #   KVMSHARP_L1_TCG_THREAD  multi (default: one host thread per vCPU) or single (one for all)
+#   KVMSHARP_L1_QEMU    the QEMU binary for the nested host (default: qemu-system-x86_64 on PATH)
+#   KVMSHARP_L1_APPEND  more words for the nested host's kernel command line (e.g. kvm_amd.npt=0)
 #   KVMSHARP_HOST_TIMEOUT  seconds before the nested host is killed (default 7200; --timeout wins)
 #   KVMSHARP_CACHE      guest cache (see guest/build.sh)
 #
@@ -61,7 +63,8 @@ if [ "$mode" = direct ]; then
 fi
 
 # ---- nested: one throw-away L1 per call --------------------------------------------------------
-command -v qemu-system-x86_64 >/dev/null || { echo "kvm-host: qemu-system-x86_64 is missing (scripts/setup.sh installs it)" >&2; exit 125; }
+qemu=${KVMSHARP_L1_QEMU:-qemu-system-x86_64}
+command -v "$qemu" >/dev/null || { echo "kvm-host: $qemu is missing (scripts/setup.sh installs it)" >&2; exit 125; }
 GUEST_OUT=$ROOT/guest/out
 if ! "$ROOT/guest/build.sh" --check --only kvmhost >/dev/null 2>&1; then
     "$ROOT/guest/build.sh" --only kvmhost >&2 || { echo "kvm-host: building the nested host failed (guest/build.sh --only kvmhost)" >&2; exit 125; }
@@ -99,6 +102,7 @@ cpus=${KVMSHARP_L1_CPUS:-$(nproc)}
 mem=${KVMSHARP_L1_MEMORY:-12G}
 tcg_thread=${KVMSHARP_L1_TCG_THREAD:-multi}
 append="console=ttyS1 panic=-1 loglevel=4 kvmhost.job=$job kvmhost.modules=$modules"
+[ -n "${KVMSHARP_L1_APPEND:-}" ] && append+=" $KVMSHARP_L1_APPEND"
 signal=on
 if [ -t 0 ] && [ -t 1 ]; then                     # interactive: Ctrl-C goes to the guest
     append+=" kvmhost.tty=1"; signal=off; saved_tty=$(stty -g)
@@ -112,7 +116,7 @@ set +e
 # would be /dev/null, so the terminal (interactive) is handed over as fd 4.
 if [ "$signal" = off ]; then exec 4<&0; else exec 4</dev/null; fi
 timeout --foreground -k 10 "$timeout_s" \
-    qemu-system-x86_64 -accel "tcg,thread=$tcg_thread" -cpu max -smp "$cpus" -m "$mem" -M pc \
+    "$qemu" -accel "tcg,thread=$tcg_thread" -cpu max -smp "$cpus" -m "$mem" -M pc \
         -nodefaults -no-user-config -display none -no-reboot \
         -kernel "$kernel" -initrd "$initrd" -append "$append" \
         -chardev stdio,id=io,signal=$signal -serial chardev:io \
