@@ -17,13 +17,21 @@ LINUX_IMAGE_PKG=linux-image-6.1.0-56-amd64        # built from the same 6.1.192-
 LINUX_IMAGE_VERSION=6.1.192-2
 BUSYBOX_PKG=busybox-static
 BUSYBOX_VERSION=1:1.35.0-4+deb12u1+b1
+# The emulator that runs the nested KVM host (scripts/kvm-host.sh), not the reference QEMU: bookworm's
+# QEMU 7.2 TCG loses L2 guests when several run at once (2026-12-03, four at a time: a guest of
+# kvmsharp triple-faulted at its first instruction and a guest of QEMU/KVM hung, 2 of 24 guests; 0 of
+# 24 with this 10.0 from bookworm-backports, same L1, same load; guest/README.md). Unpacked into the
+# cache, never installed: the system's qemu-system-x86 and qemu-utils stay bookworm's.
+L1_QEMU_PKGS=(qemu-system-x86 qemu-system-common qemu-system-data)
+L1_QEMU_VERSION=1:10.0.2+ds-2+deb13u1~bpo12+1
+L1_QEMU_SUITE=bookworm-backports
 BUILD_DEPS=(build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils kmod binutils)
 
 # Bump a recipe string when the way an output is made changes (it is part of the cache key).
 RECIPE_MINIMAL=1
 RECIPE_INITRD=2
 RECIPE_DISTRO=3
-RECIPE_KVMHOST=1
+RECIPE_KVMHOST=2
 
 # Distro-kernel modules for the initramfs (dependencies are added from modules.dep).
 # Not crc32c_intel: it uses the SSE4.2 crc32 instruction, which PVM's emulator cannot run
@@ -91,18 +99,23 @@ key_distro()  { { echo "$RECIPE_DISTRO $LINUX_IMAGE_PKG=$LINUX_IMAGE_VERSION";
                   cat "$GUEST_DIR/init"; } | sha; }
 key_kvmhost() { { echo "$RECIPE_KVMHOST $LINUX_IMAGE_PKG=$LINUX_IMAGE_VERSION";
                   echo "$BUSYBOX_PKG=$BUSYBOX_VERSION ${KVMHOST_MODULES[*]} $CACHE";
+                  echo "${L1_QEMU_PKGS[*]}=$L1_QEMU_VERSION";
                   cat "$GUEST_DIR/kvmhost-init"; } | sha; }
 
 files_initrd=(initrd.cpio)
 files_minimal=(minimal/vmlinux minimal/bzImage minimal/config minimal/System.map)
 files_distro=(distro/vmlinuz distro/initrd.cpio distro/config distro/modules.txt)
-files_kvmhost=(kvmhost/vmlinuz kvmhost/initrd.cpio kvmhost/modules-dir)
+files_kvmhost=(kvmhost/vmlinuz kvmhost/initrd.cpio kvmhost/modules-dir kvmhost/qemu-dir)
 
 # out/<what>.key holds the key the files in out/ came from.
 up_to_date() { # what key
     local f arr="files_$1[@]"
     [ "$(cat "$OUT/.$1.key" 2>/dev/null)" = "$2" ] || return 1
     for f in "${!arr}"; do [ -s "$OUT/$f" ] || return 1; done
+    # kvmhost's *-dir files point into the cache, which may have been cleaned since
+    if [ "$1" = kvmhost ]; then
+        for f in modules-dir qemu-dir; do [ -d "$(cat "$OUT/kvmhost/$f")" ] || return 1; done
+    fi
 }
 
 if [ "$CHECK" = 1 ]; then
@@ -162,6 +175,16 @@ apt_has() {
     apt-cache show "$1=$2" >/dev/null 2>&1 && return 0
     apt_update_once
     apt-cache show "$1=$2" >/dev/null 2>&1
+}
+# Adds $L1_QEMU_SUITE to apt's sources (once). Backports are "NotAutomatic": nothing installed
+# changes, packages come from there only when asked for by version.
+ensure_l1_suite() {
+    local list=/etc/apt/sources.list.d/kvmsharp-$L1_QEMU_SUITE.list
+    apt-cache show "${L1_QEMU_PKGS[0]}=$L1_QEMU_VERSION" >/dev/null 2>&1 && return 0
+    grep -rqs "$L1_QEMU_SUITE" /etc/apt/sources.list /etc/apt/sources.list.d/ \
+        || { log "+ apt source $L1_QEMU_SUITE -> $list"; echo "deb http://deb.debian.org/debian $L1_QEMU_SUITE main" > "$list"; }
+    APT_UPDATED=0
+    apt_update_once
 }
 ensure_build_deps() {
     local p missing=()
@@ -418,6 +441,12 @@ build_kvmhost() {
         cp "$pkg/boot/vmlinuz-$kver" "$dir/vmlinuz"
         # The L1 binds the full module tree (tun, veth, ...) from the unpacked package in the cache.
         echo "$pkg/lib/modules" > "$dir/modules-dir"
+        ensure_l1_suite
+        local q
+        mkdir -p "$dir/qemu"
+        for q in "${L1_QEMU_PKGS[@]}"; do run dpkg-deb -x "$(fetch_deb "$q" "$L1_QEMU_VERSION")" "$dir/qemu"; done
+        "$dir/qemu/usr/bin/qemu-system-x86_64" --version >/dev/null || die "the nested host's QEMU does not run (missing libraries? ldd $dir/qemu/usr/bin/qemu-system-x86_64)"
+        echo "$dir/qemu" > "$dir/qemu-dir"
         touch "$dir/DONE"
     fi
     publish kvmhost "$key"

@@ -16,7 +16,7 @@
 #   KVMSHARP_L1_CPUS    vCPUs of the nested host (default: this machine's cores)
 #   KVMSHARP_L1_MEMORY  its RAM (default 12G; TCG allocates only what the guest touches)
 #   KVMSHARP_L1_TCG_THREAD  multi (default: one host thread per vCPU) or single (one for all)
-#   KVMSHARP_L1_QEMU    the QEMU binary for the nested host (default: qemu-system-x86_64 on PATH)
+#   KVMSHARP_L1_QEMU    the QEMU binary for the nested host (default: the pinned one guest/build.sh unpacks)
 #   KVMSHARP_L1_APPEND  more words for the nested host's kernel command line (e.g. kvm_amd.npt=0)
 #   KVMSHARP_HOST_TIMEOUT  seconds before the nested host is killed (default 7200; --timeout wins)
 #   KVMSHARP_CACHE      guest cache (see guest/build.sh)
@@ -63,14 +63,20 @@ if [ "$mode" = direct ]; then
 fi
 
 # ---- nested: one throw-away L1 per call --------------------------------------------------------
-qemu=${KVMSHARP_L1_QEMU:-qemu-system-x86_64}
-command -v "$qemu" >/dev/null || { echo "kvm-host: $qemu is missing (scripts/setup.sh installs it)" >&2; exit 125; }
 GUEST_OUT=$ROOT/guest/out
 if ! "$ROOT/guest/build.sh" --check --only kvmhost >/dev/null 2>&1; then
     "$ROOT/guest/build.sh" --only kvmhost >&2 || { echo "kvm-host: building the nested host failed (guest/build.sh --only kvmhost)" >&2; exit 125; }
 fi
 kernel=$GUEST_OUT/kvmhost/vmlinuz initrd=$GUEST_OUT/kvmhost/initrd.cpio
 modules=$(cat "$GUEST_OUT/kvmhost/modules-dir")
+# The emulator: guest/build.sh unpacks a pinned QEMU for it (guest/out/kvmhost/qemu-dir; why: there).
+qemu_dir=$(cat "$GUEST_OUT/kvmhost/qemu-dir" 2>/dev/null || true)
+qemu_firmware=()
+if [ -n "${KVMSHARP_L1_QEMU:-}" ]; then qemu=$KVMSHARP_L1_QEMU
+elif [ -x "$qemu_dir/usr/bin/qemu-system-x86_64" ]; then qemu=$qemu_dir/usr/bin/qemu-system-x86_64; qemu_firmware=(-L "$qemu_dir/usr/share/qemu")
+else qemu=qemu-system-x86_64
+fi
+command -v "$qemu" >/dev/null || { echo "kvm-host: $qemu is missing (guest/build.sh --only kvmhost unpacks it)" >&2; exit 125; }
 # The L1 binds the unpacked package's modules over /lib/modules of the shared tree, which needs the
 # directory to exist; Debian without an installed kernel (these machines) has none.
 [ -d /lib/modules ] || mkdir -p /lib/modules
@@ -116,7 +122,7 @@ set +e
 # would be /dev/null, so the terminal (interactive) is handed over as fd 4.
 if [ "$signal" = off ]; then exec 4<&0; else exec 4</dev/null; fi
 timeout --foreground -k 10 "$timeout_s" \
-    "$qemu" -accel "tcg,thread=$tcg_thread" -cpu max -smp "$cpus" -m "$mem" -M pc \
+    "$qemu" "${qemu_firmware[@]}" -accel "tcg,thread=$tcg_thread" -cpu max -smp "$cpus" -m "$mem" -M pc \
         -nodefaults -no-user-config -display none -no-reboot \
         -kernel "$kernel" -initrd "$initrd" -append "$append" \
         -chardev stdio,id=io,signal=$signal -serial chardev:io \
