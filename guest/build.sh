@@ -114,7 +114,7 @@ up_to_date() { # what key
     for f in "${!arr}"; do [ -s "$OUT/$f" ] || return 1; done
     # kvmhost's *-dir files point into the cache, which may have been cleaned since
     if [ "$1" = kvmhost ]; then
-        for f in modules-dir qemu-dir; do [ -d "$(cat "$OUT/kvmhost/$f")" ] || return 1; done
+        [ -d "$(cat "$OUT/kvmhost/modules-dir")" ] && [ -x "$(cat "$OUT/kvmhost/qemu-dir")/usr/bin/qemu-system-x86_64" ] || return 1
     fi
 }
 
@@ -180,9 +180,9 @@ apt_has() {
 # changes, packages come from there only when asked for by version.
 ensure_l1_suite() {
     local list=/etc/apt/sources.list.d/kvmsharp-$L1_QEMU_SUITE.list
-    apt-cache show "${L1_QEMU_PKGS[0]}=$L1_QEMU_VERSION" >/dev/null 2>&1 && return 0
-    grep -rqs "$L1_QEMU_SUITE" /etc/apt/sources.list /etc/apt/sources.list.d/ \
-        || { log "+ apt source $L1_QEMU_SUITE -> $list"; echo "deb http://deb.debian.org/debian $L1_QEMU_SUITE main" > "$list"; }
+    grep -rqs "$L1_QEMU_SUITE" /etc/apt/sources.list /etc/apt/sources.list.d/ && return 0
+    log "+ apt source $L1_QEMU_SUITE -> $list"
+    echo "deb http://deb.debian.org/debian $L1_QEMU_SUITE main" > "$list"
     APT_UPDATED=0
     apt_update_once
 }
@@ -442,9 +442,12 @@ build_kvmhost() {
         # The L1 binds the full module tree (tun, veth, ...) from the unpacked package in the cache.
         echo "$pkg/lib/modules" > "$dir/modules-dir"
         ensure_l1_suite
-        local q
+        local q deb
         mkdir -p "$dir/qemu"
-        for q in "${L1_QEMU_PKGS[@]}"; do run dpkg-deb -x "$(fetch_deb "$q" "$L1_QEMU_VERSION")" "$dir/qemu"; done
+        for q in "${L1_QEMU_PKGS[@]}"; do
+            deb=$(fetch_deb "$q" "$L1_QEMU_VERSION")
+            run dpkg-deb -x "$deb" "$dir/qemu"
+        done
         "$dir/qemu/usr/bin/qemu-system-x86_64" --version >/dev/null || die "the nested host's QEMU does not run (missing libraries? ldd $dir/qemu/usr/bin/qemu-system-x86_64)"
         echo "$dir/qemu" > "$dir/qemu-dir"
         touch "$dir/DONE"
