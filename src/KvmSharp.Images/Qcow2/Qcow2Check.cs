@@ -62,9 +62,9 @@ internal static class Qcow2Check
                     for (ulong rti = 0; rti < (ulong)rt.Length; rti++)
                     {
                         ulong b = rt[rti] & Qcow2Const.OffsetMask;
-                        if (b == 0 || img.RefblockUsable(b)) continue;
+                        if (b == 0 || img.IsRefcountBlockUsable(b)) continue;
                         r.Report($"Repairing refcount block {rti} at 0x{b:x}: dropped, its refcounts are rebuilt");
-                        img.DropRefblock(rti);
+                        img.DropRefcountBlock(rti);
                         fixedCorrupt++;
                     }
                 }
@@ -73,7 +73,7 @@ internal static class Qcow2Check
                     var rtNow = img.RefcountTable; // refcount-table growth replaces the array
                     ulong b = page < (ulong)rtNow.Length ? rtNow[page] & Qcow2Const.OffsetMask : 0;
                     if (b == 0 && refs.Page(page).IsEmpty) continue; // nothing counted, nothing on disk
-                    if (b != 0 && !img.RefblockUsable(b)) continue; // -r leaks leaves unreadable blocks alone
+                    if (b != 0 && !img.IsRefcountBlockUsable(b)) continue; // -r leaks leaves unreadable blocks alone
                     ulong first = page << refs.PageBits;
                     ulong last = Math.Min(refs.Clusters, first + (1UL << refs.PageBits));
                     for (ulong ci = first; ci < last; ci++)
@@ -136,8 +136,8 @@ internal static class Qcow2Check
             {
                 // Reported once by Count ("not cluster aligned" / "beyond the end of the image file"); its
                 // refcounts cannot be read, so the whole range is skipped rather than failing per cluster.
-                if (!img.RefblockUsable(b)) continue;
-                img.ReadRefblockRaw(b, blk);
+                if (!img.IsRefcountBlockUsable(b)) continue;
+                img.ReadRefcountBlock(b, blk);
                 disk = blk;
             }
             if (disk.IsEmpty && counted.IsEmpty) continue;
@@ -149,15 +149,15 @@ internal static class Qcow2Check
                 if (lastByte >= 0)
                 {
                     ulong e = (((ulong)lastByte + 1) << 3 >> order) - 1; // last entry in that byte
-                    while (Qcow2Image.GetRefcountIn(disk, e, order) == 0) e--;
+                    while (RefcountBlock.Get(disk, e, order) == 0) e--;
                     highestRc = first + e;
                 }
                 continue;
             }
             for (ulong i = 0; i < count; i++)
             {
-                ulong rc = disk.IsEmpty ? 0 : Qcow2Image.GetRefcountIn(disk, i, order);
-                ulong rf = counted.IsEmpty ? 0 : Qcow2Image.GetRefcountIn(counted, i, order);
+                ulong rc = disk.IsEmpty ? 0 : RefcountBlock.Get(disk, i, order);
+                ulong rf = counted.IsEmpty ? 0 : RefcountBlock.Get(counted, i, order);
                 ulong ci = first + i;
                 if (rc != 0) highestRc = ci;
                 if (rc == rf) continue;
@@ -187,9 +187,10 @@ internal static class Qcow2Check
             if (known && (rc == 1) != copied)
                 r.Corrupt($"ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1[i]:x} refcount={rc}");
             img.ReadL2Table(l2, l2buf);
+            bool ext = img.Header.ExtendedL2;
             for (int j = 0; j < cs / img.L2EntrySize; j++)
             {
-                var e = new L2Entry(BinaryPrimitives.ReadUInt64BigEndian(l2buf.AsSpan(j * img.L2EntrySize)));
+                var e = L2Entry.Read(l2buf, j, ext);
                 if (e.IsCompressed) continue;
                 ulong h = e.HostOffset;
                 if (h == 0 || (h & (ulong)(cs - 1)) != 0 || h >= img.FileEnd) continue;
@@ -252,18 +253,18 @@ internal static class Qcow2Check
                 ulong nextContig = 0;
                 for (int j = 0; j < cs / img.L2EntrySize; j++)
                 {
-                    var e = new L2Entry(BinaryPrimitives.ReadUInt64BigEndian(l2buf.AsSpan(j * img.L2EntrySize)));
+                    var e = L2Entry.Read(l2buf, j, ext);
                     if (e.IsCompressed)
                     {
                         if (e.IsCopied)
                             r.Corrupt($"ERROR: coffset=0x{e.Raw:x}: copied flag must never be set for compressed clusters");
-                        img.DecodeCompressed(e.Raw, out ulong co, out int clen);
+                        img.DecodeCompressed(e, out ulong co, out int clen);
                         Add(co, (ulong)clen, "compressed cluster");
                         if (active) { r.AllocatedClusters++; r.CompressedClusters++; }
                         continue;
                     }
                     ulong hst = e.HostOffset;
-                    CheckEntryFlags(r, e, ext ? BinaryPrimitives.ReadUInt64BigEndian(l2buf.AsSpan(j * 16 + 8)) : 0, v3, ext);
+                    CheckEntryFlags(r, e, v3, ext);
                     if (hst == 0) continue;
                     if ((hst & (ulong)(cs - 1)) != 0)
                     {
@@ -314,10 +315,11 @@ internal static class Qcow2Check
     }
 
     /// <summary>Flag combinations the reader refuses (qemu: "Image is corrupt") reported as corruptions.</summary>
-    private static void CheckEntryFlags(Result r, L2Entry e, ulong bitmap, bool v3, bool ext)
+    private static void CheckEntryFlags(Result r, L2Entry e, bool v3, bool ext)
     {
         if (ext)
         {
+            ulong bitmap = e.SubclusterBitmap;
             // qcow2.txt "Extended L2 Entries": bit x = subcluster allocated, bit 32+x = reads as zeros;
             // both set is invalid, and allocated subclusters need a host cluster.
             uint alloc = (uint)bitmap, zero = (uint)(bitmap >> 32);
