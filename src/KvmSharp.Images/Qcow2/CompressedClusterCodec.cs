@@ -1,4 +1,5 @@
 using System.IO.Compression;
+using KvmSharp.Interop;
 
 namespace KvmSharp.Images.Qcow2;
 
@@ -63,7 +64,14 @@ internal sealed class CompressedClusterCodec : IDisposable
             using var c = new ZstdSharp.Compressor(3);
             return c.TryWrap(cluster, dst, out int written) ? written : -1;
         }
-        return Zlib.CompressRaw12(cluster, dst);
+        try
+        {
+            return Zlib.DeflateRaw(cluster, dst, windowBits: 12);
+        }
+        catch (NativeException e)
+        {
+            throw new ImageException(ImageErrorKind.Io, null, e.Message, -1, e);
+        }
     }
 
     private bool Decompress(ReadOnlySpan<byte> src, byte[] dst)
