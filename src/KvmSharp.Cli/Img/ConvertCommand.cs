@@ -91,55 +91,55 @@ internal static class ConvertCommand
         byte[]? full = null;
         try
         {
-        foreach (var (b, off, length) in filled.GetConsumingEnumerable())
-        {
-            if (b.Array is null)
+            foreach (var (b, off, length) in filled.GetConsumingEnumerable())
             {
-                // A fresh target reads zeros already (a raw one is a sparse file); an existing one (-n) does not.
-                if (existingTarget) d.WriteZeroes(off, length);
-            }
-            else
-            {
-                int n = (int)length;
-                var span = b.AsSpan(0, n);
-                int i = 0;
-                while (i < n)
+                if (b.Array is null)
                 {
-                    // Skip zero pieces (the fresh target reads zero); write runs of non-zero pieces at once.
-                    int len = Math.Min(gran, n - i);
-                    if (!existingTarget && !span.Slice(i, len).ContainsAnyExcept((byte)0)) { i += len; continue; }
-                    if (compress)
-                    {
-                        ReadOnlySpan<byte> piece = span.Slice(i, len);
-                        if (len < gran)
-                        {
-                            full ??= new byte[gran];
-                            full.AsSpan().Clear();
-                            piece.CopyTo(full);
-                            piece = full;
-                        }
-                        q!.WriteCompressedCluster((off + (ulong)i) / (ulong)gran, piece);
-                        i += len;
-                        continue;
-                    }
-                    int j = i + len;
-                    while (j < n)
-                    {
-                        int l2 = Math.Min(gran, n - j);
-                        if (!existingTarget && !span.Slice(j, l2).ContainsAnyExcept((byte)0)) break;
-                        j += l2;
-                    }
-                    d.Write(span[i..j], off + (ulong)i);
-                    i = j;
+                    // A fresh target reads zeros already (a raw one is a sparse file); an existing one (-n) does not.
+                    if (existingTarget) d.WriteZeroes(off, length);
                 }
-                free.Add(b);
+                else
+                {
+                    int n = (int)length;
+                    var span = b.AsSpan(0, n);
+                    int i = 0;
+                    while (i < n)
+                    {
+                        // Skip zero pieces (the fresh target reads zero); write runs of non-zero pieces at once.
+                        int len = Math.Min(gran, n - i);
+                        if (!existingTarget && !span.Slice(i, len).ContainsAnyExcept((byte)0)) { i += len; continue; }
+                        if (compress)
+                        {
+                            ReadOnlySpan<byte> piece = span.Slice(i, len);
+                            if (len < gran)
+                            {
+                                full ??= new byte[gran];
+                                full.AsSpan().Clear();
+                                piece.CopyTo(full);
+                                piece = full;
+                            }
+                            q!.WriteCompressedCluster((off + (ulong)i) / (ulong)gran, piece);
+                            i += len;
+                            continue;
+                        }
+                        int j = i + len;
+                        while (j < n)
+                        {
+                            int l2 = Math.Min(gran, n - j);
+                            if (!existingTarget && !span.Slice(j, l2).ContainsAnyExcept((byte)0)) break;
+                            j += l2;
+                        }
+                        d.Write(span[i..j], off + (ulong)i);
+                        i = j;
+                    }
+                    free.Add(b);
+                }
+                if (progress)
+                {
+                    int pct = (int)((UInt128)(off + length) * 10000 / Math.Max(size, 1));
+                    if (pct != lastPct) { o.Write(string.Create(CultureInfo.InvariantCulture, $"    ({pct / 100.0:F2}/100%)\r")); lastPct = pct; }
+                }
             }
-            if (progress)
-            {
-                int pct = (int)((UInt128)(off + length) * 10000 / Math.Max(size, 1));
-                if (pct != lastPct) { o.Write(string.Create(CultureInfo.InvariantCulture, $"    ({pct / 100.0:F2}/100%)\r")); lastPct = pct; }
-            }
-        }
         }
         catch
         {
