@@ -1,6 +1,6 @@
+using KvmSharp.Cli.Img;
 using KvmSharp.Images;
 using KvmSharp.Images.Qcow2;
-using KvmSharp.Images.Tool;
 
 namespace KvmSharp.Fuzz;
 

@@ -25,7 +25,7 @@ internal static class Program
         return args[0] switch
         {
             "run" => RunCommand.Run(args[1..]),
-            "img" => KvmSharp.Images.Tool.ImgCommand.Run(args[1..], System.Console.Out, System.Console.Error),
+            "img" => Img.ImgCommand.Run(args[1..], System.Console.Out, System.Console.Error),
             _ => Fail($"unknown command '{args[0]}' (try 'kvmsharp --help')", UsageError),
         };
     }

@@ -1,3 +1,5 @@
+using KvmSharp.Interop;
+
 namespace KvmSharp.Images;
 
 /// <summary>

@@ -17,7 +17,7 @@ public enum ImageErrorKind
     ReadOnly = 6,
     /// <summary>Backing chain too deep or looping.</summary>
     BackingChain = 7,
-    /// <summary>A command-line or API argument was invalid.</summary>
+    /// <summary>A value given to the library was invalid: a size, an option, a file that is not an image (the img front end reports its own usage errors with this kind too).</summary>
     InvalidArgument = 8,
     /// <summary>Another user of the image (QEMU's lock protocol, see <see cref="ImageLock"/>) conflicts.</summary>
     InUse = 9,

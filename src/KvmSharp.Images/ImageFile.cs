@@ -1,5 +1,4 @@
-using System.Buffers.Binary;
-using System.Runtime.InteropServices;
+using KvmSharp.Interop;
 using Microsoft.Win32.SafeHandles;
 
 namespace KvmSharp.Images;
@@ -9,35 +8,20 @@ namespace KvmSharp.Images;
 /// "file" and "host_device" drivers): a FIFO, socket, directory or character device is refused with
 /// one line before anything reads it, since image code seeks and reads at offsets.
 /// </summary>
-internal static unsafe partial class ImageFile
+internal static class ImageFile
 {
-    // sys/stat.h S_IFMT and the two types images may have.
-    private const int S_IFMT = 0xF000, S_IFREG = 0x8000, S_IFBLK = 0x6000;
-    private const int AT_FDCWD = -100, AT_EMPTY_PATH = 0x1000;
-    private const uint STATX_BASIC_STATS = 0x7ff;
-
     private readonly record struct Stat(int Mode, FileId Id);
 
     // statx(2) rather than stat(2): struct statx has one layout on every architecture.
-    [LibraryImport("libc", EntryPoint = "statx", StringMarshalling = StringMarshalling.Utf8, SetLastError = true)]
-    private static partial int statx(int dirfd, string path, int flags, uint mask, byte* buf);
-
-    [LibraryImport("libc", EntryPoint = "lseek", SetLastError = true)]
-    private static partial long lseek(int fd, long offset, int whence);
-
     private static bool TryStat(int dirfd, string path, int flags, out Stat st)
     {
-        // struct statx (linux/stat.h): stx_mode u16 at 28, stx_ino u64 at 32, stx_dev_major/minor u32 at 136/140; 256 bytes.
-        byte* b = stackalloc byte[256];
-        // SAFETY: b holds the 256 bytes of struct statx; statx writes only within it.
-        if (statx(dirfd, path, flags, STATX_BASIC_STATS, b) != 0)
+        if (!Libc.TryStatx(dirfd, path, flags, out Libc.Statx sx))
         {
             st = default;
             return false;
         }
-        var s = new ReadOnlySpan<byte>(b, 256);
-        ulong dev = ((ulong)BinaryPrimitives.ReadUInt32LittleEndian(s[136..]) << 32) | BinaryPrimitives.ReadUInt32LittleEndian(s[140..]);
-        st = new Stat(BinaryPrimitives.ReadUInt16LittleEndian(s[28..]), new FileId(dev, BinaryPrimitives.ReadUInt64LittleEndian(s[32..])));
+        ulong dev = ((ulong)sx.stx_dev_major << 32) | sx.stx_dev_minor;
+        st = new Stat(sx.stx_mode, new FileId(dev, sx.stx_ino));
         return true;
     }
 
@@ -47,8 +31,8 @@ internal static unsafe partial class ImageFile
         try
         {
             h.DangerousAddRef(ref added);
-            if (!TryStat((int)h.DangerousGetHandle(), "", AT_EMPTY_PATH, out var st))
-                throw new ImageException(ImageErrorKind.Io, path, $"fstat failed: errno {Marshal.GetLastPInvokeError()}");
+            if (!TryStat((int)h.DangerousGetHandle(), "", Libc.AT_EMPTY_PATH, out var st))
+                throw new ImageException(ImageErrorKind.Io, path, $"fstat failed: errno {Libc.LastErrno}");
             return st;
         }
         finally
@@ -59,21 +43,21 @@ internal static unsafe partial class ImageFile
 
     /// <summary>The identity of the file <paramref name="path"/> names (symbolic links followed), or
     /// null when there is no such file.</summary>
-    public static FileId? Identify(string path) => TryStat(AT_FDCWD, path, 0, out var st) ? st.Id : null;
+    public static FileId? Identify(string path) => TryStat(Libc.AT_FDCWD, path, 0, out var st) ? st.Id : null;
 
     /// <summary>The identity of an open file.</summary>
     public static FileId Identify(SafeFileHandle h, string path) => FStat(h, path).Id;
 
     private static void CheckType(string path, int mode)
     {
-        int t = mode & S_IFMT;
-        if (t is S_IFREG or S_IFBLK) return;
+        int t = mode & Libc.S_IFMT;
+        if (t is Libc.S_IFREG or Libc.S_IFBLK) return;
         string what = t switch
         {
-            0x1000 => "a FIFO",
-            0x2000 => "a character device",
-            0x4000 => "a directory",
-            0xC000 => "a socket",
+            Libc.S_IFIFO => "a FIFO",
+            Libc.S_IFCHR => "a character device",
+            Libc.S_IFDIR => "a directory",
+            Libc.S_IFSOCK => "a socket",
             _ => "not a file",
         };
         throw new ImageException(ImageErrorKind.InvalidArgument, path, $"not a regular file or block device ({what})");
@@ -87,7 +71,7 @@ internal static unsafe partial class ImageFile
     /// <exception cref="ImageException">InvalidArgument for a file of the wrong type; Io when it cannot be opened.</exception>
     public static SafeFileHandle Open(string path, bool writable, out FileId id)
     {
-        if (TryStat(AT_FDCWD, path, 0, out var st))
+        if (TryStat(Libc.AT_FDCWD, path, 0, out var st))
             CheckType(path, st.Mode);
         SafeFileHandle h;
         try
@@ -146,7 +130,7 @@ internal static unsafe partial class ImageFile
     /// <exception cref="ImageException">InUse, InvalidArgument (wrong file type) or Io.</exception>
     public static SafeFileHandle Create(string path)
     {
-        if (TryStat(AT_FDCWD, path, 0, out var st))
+        if (TryStat(Libc.AT_FDCWD, path, 0, out var st))
             CheckType(path, st.Mode);
         SafeFileHandle h;
         try
@@ -162,7 +146,7 @@ internal static unsafe partial class ImageFile
             st = FStat(h, path);
             CheckType(path, st.Mode);
             ImageLock.Acquire(h, path, BlockPermissions.Write | BlockPermissions.Resize, BlockPermissions.All & ~BlockPermissions.Resize);
-            if ((st.Mode & S_IFMT) == S_IFREG)
+            if ((st.Mode & Libc.S_IFMT) == Libc.S_IFREG)
                 RandomAccess.SetLength(h, 0);
             return h;
         }
@@ -181,15 +165,15 @@ internal static unsafe partial class ImageFile
     /// <summary>Size in bytes: st_size for a file, the device size for a block device (st_size is 0 there).</summary>
     public static long Length(SafeFileHandle h, string path)
     {
-        if ((FStat(h, path).Mode & S_IFMT) != S_IFBLK)
+        if ((FStat(h, path).Mode & Libc.S_IFMT) != Libc.S_IFBLK)
             return RandomAccess.GetLength(h);
         bool added = false;
         try
         {
             h.DangerousAddRef(ref added);
             // pread/pwrite take offsets, so moving this descriptor's file position is harmless.
-            long n = lseek((int)h.DangerousGetHandle(), 0, 2 /* SEEK_END */);
-            if (n < 0) throw new ImageException(ImageErrorKind.Io, path, $"cannot size block device: errno {Marshal.GetLastPInvokeError()}");
+            long n = Libc.lseek((int)h.DangerousGetHandle(), 0, Libc.SEEK_END);
+            if (n < 0) throw new ImageException(ImageErrorKind.Io, path, $"cannot size block device: errno {Libc.LastErrno}");
             return n;
         }
         finally

@@ -1,4 +1,4 @@
-using System.Runtime.InteropServices;
+using KvmSharp.Interop;
 using Microsoft.Win32.SafeHandles;
 
 namespace KvmSharp.Images;
@@ -32,7 +32,7 @@ public readonly record struct FileId(ulong Device, ulong Inode);
 /// process conflict like two processes, and the locks go away when the file is closed (or the process
 /// dies), so disposing an image releases them without any unlock call.</para>
 /// </summary>
-public static unsafe partial class ImageLock
+public static class ImageLock
 {
     private const int RawLockPermBase = 100;   // file-posix.c RAW_LOCK_PERM_BASE
     private const int RawLockSharedBase = 200; // file-posix.c RAW_LOCK_SHARED_BASE
@@ -46,28 +46,6 @@ public static unsafe partial class ImageLock
     /// unshare write and resize on the files they read (metadata must not change underneath).</summary>
     public const BlockPermissions ReaderPerm = BlockPermissions.ConsistentRead;
     public const BlockPermissions ReaderShared = BlockPermissions.ConsistentRead | BlockPermissions.WriteUnchanged;
-
-    // fcntl.h (Linux, every architecture): F_OFD_GETLK 36, F_OFD_SETLK 37; l_type F_RDLCK 0, F_WRLCK 1, F_UNLCK 2.
-    private const int F_OFD_GETLK = 36;
-    private const int F_OFD_SETLK = 37;
-    private const short F_RDLCK = 0;
-    private const short F_WRLCK = 1;
-    private const short F_UNLCK = 2;
-    private const int EINTR = 4, EACCES = 13, EAGAIN = 11;
-
-    // struct flock on 64-bit Linux: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid (32 bytes).
-    [StructLayout(LayoutKind.Sequential)]
-    private struct Flock
-    {
-        public short l_type;
-        public short l_whence;
-        public long l_start;
-        public long l_len;
-        public int l_pid;
-    }
-
-    [LibraryImport("libc", EntryPoint = "fcntl", SetLastError = true)]
-    private static partial int fcntl_flock(int fd, int cmd, Flock* lk);
 
     /// <summary>
     /// Takes the locks for <paramref name="perm"/> (used) and not-<paramref name="shared"/> on the open
@@ -123,15 +101,12 @@ public static unsafe partial class ImageLock
 
     private static void SetReadLock(int fd, string path, int offset)
     {
-        var lk = new Flock { l_type = F_RDLCK, l_whence = 0, l_start = offset, l_len = 1 };
-        while (fcntl_flock(fd, F_OFD_SETLK, &lk) != 0)
-        {
-            int errno = Marshal.GetLastPInvokeError();
-            if (errno == EINTR) continue;
-            // Only a write lock conflicts with a read lock; QEMU never takes one, someone else does.
-            if (errno is EAGAIN or EACCES) ThrowInUse(path, $"Failed to lock byte {offset}");
-            throw new ImageException(ImageErrorKind.Io, path, $"Failed to lock byte {offset}: errno {errno}");
-        }
+        var lk = new Libc.Flock { l_type = Libc.F_RDLCK, l_whence = 0, l_start = offset, l_len = 1 };
+        int rc = Libc.FcntlLock(fd, Libc.F_OFD_SETLK, ref lk); // EINTR retried there
+        if (rc == 0) return;
+        // Only a write lock conflicts with a read lock; QEMU never takes one, someone else does.
+        if (-rc is Libc.EAGAIN or Libc.EACCES) ThrowInUse(path, $"Failed to lock byte {offset}");
+        throw new ImageException(ImageErrorKind.Io, path, $"Failed to lock byte {offset}: errno {-rc}");
     }
 
     private static bool IsLockedByOthers(int fd, string path, int offset)
@@ -151,13 +126,10 @@ public static unsafe partial class ImageLock
     {
         // F_OFD_GETLK reports a lock of another open file description that would conflict with this
         // write lock; locks of our own description never conflict with it.
-        var lk = new Flock { l_type = F_WRLCK, l_whence = 0, l_start = offset, l_len = 1 };
-        while (fcntl_flock(fd, F_OFD_GETLK, &lk) != 0)
-        {
-            int errno = Marshal.GetLastPInvokeError();
-            if (errno == EINTR) continue;
-            throw new ImageException(ImageErrorKind.Io, path, $"Failed to test lock byte {offset}: errno {errno}");
-        }
-        return lk.l_type != F_UNLCK;
+        var lk = new Libc.Flock { l_type = Libc.F_WRLCK, l_whence = 0, l_start = offset, l_len = 1 };
+        int rc = Libc.FcntlLock(fd, Libc.F_OFD_GETLK, ref lk); // EINTR retried there
+        if (rc != 0)
+            throw new ImageException(ImageErrorKind.Io, path, $"Failed to test lock byte {offset}: errno {-rc}");
+        return lk.l_type != Libc.F_UNLCK;
     }
 }

@@ -1,15 +1,12 @@
-using System.Runtime.InteropServices;
+using KvmSharp.Interop;
 using Microsoft.Win32.SafeHandles;
 
 namespace KvmSharp.Images;
 
 /// <summary>A raw image: the virtual disk is the file. Positioned I/O (pread/pwrite, preadv/pwritev), so no
 /// in-process lock is needed; other processes are kept out by QEMU's file locks (<see cref="ImageLock"/>).</summary>
-public sealed unsafe partial class RawImage : IBlockDevice
+public sealed class RawImage : IBlockDevice
 {
-    // Linux's IOV_MAX: the most buffers one preadv/pwritev takes.
-    private const int IovMax = 1024;
-
     private readonly SafeFileHandle _file;
     private readonly string _path;
     private ulong _size;
@@ -117,7 +114,7 @@ public sealed unsafe partial class RawImage : IBlockDevice
             total += (ulong)b.Length;
         CheckRange(offset, total);
         // A private copy: a short transfer moves the start of the first unfinished buffer.
-        Span<NativeBuffer> left = buffers.Length <= IovMax ? stackalloc NativeBuffer[buffers.Length] : new NativeBuffer[buffers.Length];
+        Span<NativeBuffer> left = buffers.Length <= Libc.IOV_MAX ? stackalloc NativeBuffer[buffers.Length] : new NativeBuffer[buffers.Length];
         buffers.CopyTo(left);
         int fd = (int)_file.DangerousGetHandle();
         while (!left.IsEmpty)
@@ -127,17 +124,10 @@ public sealed unsafe partial class RawImage : IBlockDevice
                 left = left[1..];
                 continue;
             }
-            int count = Math.Min(left.Length, IovMax);
-            nint n;
-            fixed (NativeBuffer* iov = left)
-                n = write ? pwritev(fd, iov, count, (long)offset) : preadv(fd, iov, count, (long)offset);
+            var batch = left[..Math.Min(left.Length, Libc.IOV_MAX)];
+            nint n = write ? Libc.PWriteV(fd, batch, (long)offset) : Libc.PReadV(fd, batch, (long)offset); // EINTR retried there
             if (n < 0)
-            {
-                int errno = Marshal.GetLastPInvokeError();
-                if (errno == 4) // EINTR
-                    continue;
-                ThrowHelper.Throw(ImageErrorKind.Io, _path, $"{(write ? "pwritev" : "preadv")} failed: errno {errno}", (long)offset);
-            }
+                ThrowHelper.Throw(ImageErrorKind.Io, _path, $"{(write ? "pwritev" : "preadv")} failed: errno {-n}", (long)offset);
             if (n == 0)
             {
                 if (write)
@@ -156,12 +146,6 @@ public sealed unsafe partial class RawImage : IBlockDevice
                 left[0] = left[0].Skip((int)n);
         }
     }
-
-    [LibraryImport("libc", SetLastError = true)]
-    private static partial nint preadv(int fd, NativeBuffer* iov, int iovcnt, long offset);
-
-    [LibraryImport("libc", SetLastError = true)]
-    private static partial nint pwritev(int fd, NativeBuffer* iov, int iovcnt, long offset);
 
     public void Flush()
     {

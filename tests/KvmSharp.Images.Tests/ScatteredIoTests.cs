@@ -1,5 +1,6 @@
 using System.Runtime.InteropServices;
 using KvmSharp.Images.Qcow2;
+using KvmSharp.Interop;
 
 namespace KvmSharp.Images.Tests;
 

@@ -1,1 +1,1 @@
-return KvmSharp.Images.Tool.ImgCommand.Run(args, Console.Out, Console.Error);
+return KvmSharp.Cli.Img.ImgCommand.Run(args, Console.Out, Console.Error);

@@ -3,6 +3,7 @@ using System.Diagnostics;
 using System.Runtime.InteropServices;
 using System.Text;
 using KvmSharp.Images;
+using KvmSharp.Interop;
 using KvmSharp.Memory;
 
 namespace KvmSharp.Devices.Virtio;

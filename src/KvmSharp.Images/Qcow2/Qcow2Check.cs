@@ -50,7 +50,7 @@ internal static class Qcow2Check
             if (mode == RepairMode.None || img.ReadOnly || (r.Leaks == 0 && r.Corruptions == 0)) return r;
             if (img.Header.HasBitmapsExtension && (img.Header.Autoclear & Qcow2Const.AutoclearBitmaps) != 0)
                 ThrowHelper.Throw(ImageErrorKind.UnsupportedFeature, img.Path, "cannot repair an image with persistent bitmaps");
-            int fixedLeaks = 0, fixedCorrupt = 0;
+            int leaksFixed = 0, corruptionsFixed = 0;
             img.RepairInUse = refs; // clusters the metadata references are never handed out while repairing
             try
             {
@@ -58,22 +58,22 @@ internal static class Qcow2Check
                 {
                     // A refcount table entry naming an unreadable block: forget it; the range's refcounts are
                     // rebuilt below into a fresh block (qemu resizes the file to reach it; the effect is the same).
-                    var rt = img.RefcountTable;
-                    for (ulong rti = 0; rti < (ulong)rt.Length; rti++)
+                    var refcountTable = img.RefcountTable;
+                    for (ulong tableIndex = 0; tableIndex < (ulong)refcountTable.Length; tableIndex++)
                     {
-                        ulong b = rt[rti] & Qcow2Const.OffsetMask;
-                        if (b == 0 || img.RefblockUsable(b)) continue;
-                        r.Report($"Repairing refcount block {rti} at 0x{b:x}: dropped, its refcounts are rebuilt");
-                        img.DropRefblock(rti);
-                        fixedCorrupt++;
+                        ulong b = refcountTable[tableIndex] & Qcow2Const.OffsetMask;
+                        if (b == 0 || img.IsRefcountBlockUsable(b)) continue;
+                        r.Report($"Repairing refcount block {tableIndex} at 0x{b:x}: dropped, its refcounts are rebuilt");
+                        img.DropRefcountBlock(tableIndex);
+                        corruptionsFixed++;
                     }
                 }
                 for (ulong page = 0; page < refs.PageCount; page++)
                 {
-                    var rtNow = img.RefcountTable; // refcount-table growth replaces the array
-                    ulong b = page < (ulong)rtNow.Length ? rtNow[page] & Qcow2Const.OffsetMask : 0;
+                    var currentTable = img.RefcountTable; // refcount-table growth replaces the array
+                    ulong b = page < (ulong)currentTable.Length ? currentTable[page] & Qcow2Const.OffsetMask : 0;
                     if (b == 0 && refs.Page(page).IsEmpty) continue; // nothing counted, nothing on disk
-                    if (b != 0 && !img.RefblockUsable(b)) continue; // -r leaks leaves unreadable blocks alone
+                    if (b != 0 && !img.IsRefcountBlockUsable(b)) continue; // -r leaks leaves unreadable blocks alone
                     ulong first = page << refs.PageBits;
                     ulong last = Math.Min(refs.Clusters, first + (1UL << refs.PageBits));
                     for (ulong ci = first; ci < last; ci++)
@@ -85,13 +85,13 @@ internal static class Qcow2Check
                         {
                             r.Report($"Repairing cluster {ci} refcount={rc} reference={rf}");
                             img.SetRefcount(ci, rf);
-                            fixedLeaks++;
+                            leaksFixed++;
                         }
                         else if (mode == RepairMode.All)
                         {
                             r.Report($"Repairing cluster {ci} refcount={rc} reference={rf}");
                             img.SetRefcount(ci, rf);
-                            fixedCorrupt++;
+                            corruptionsFixed++;
                         }
                     }
                 }
@@ -99,8 +99,8 @@ internal static class Qcow2Check
             }
             finally { img.RepairInUse = null; }
             var after = Scan(img, log, out _);
-            after.LeaksFixed = fixedLeaks;
-            after.CorruptionsFixed = fixedCorrupt;
+            after.LeaksFixed = leaksFixed;
+            after.CorruptionsFixed = corruptionsFixed;
             return after;
         }
     }
@@ -112,8 +112,8 @@ internal static class Qcow2Check
         ulong highestRc = CompareRefcounts(img, r, refs);
         // QCOW_OFLAG_COPIED must be set exactly when the refcount is 1 (qcow2.txt L1/L2 entry bit 63).
         CheckCopied(img, r);
-        ulong hi = Math.Max(highest, highestRc);
-        r.ImageEndOffset = (hi + 1) << img.ClusterBits;
+        ulong highestCluster = Math.Max(highest, highestRc);
+        r.ImageEndOffset = (highestCluster + 1) << img.ClusterBits;
         r.TotalClusters = (img.Size + (ulong)img.ClusterSize - 1) >> img.ClusterBits;
         return r;
     }
@@ -123,22 +123,22 @@ internal static class Qcow2Check
     private static ulong CompareRefcounts(Qcow2Image img, Result r, RefcountMap refs)
     {
         int order = img.Header.RefcountOrder;
-        var blk = new byte[img.ClusterSize];
-        var rt = img.RefcountTable;
+        var block = new byte[img.ClusterSize];
+        var refcountTable = img.RefcountTable;
         ulong perPage = 1UL << refs.PageBits;
         ulong highestRc = 0;
         for (ulong page = 0; page < refs.PageCount; page++)
         {
-            ulong b = page < (ulong)rt.Length ? rt[page] & Qcow2Const.OffsetMask : 0;
+            ulong b = page < (ulong)refcountTable.Length ? refcountTable[page] & Qcow2Const.OffsetMask : 0;
             ReadOnlySpan<byte> counted = refs.Page(page);
             ReadOnlySpan<byte> disk = default;
             if (b != 0)
             {
                 // Reported once by Count ("not cluster aligned" / "beyond the end of the image file"); its
                 // refcounts cannot be read, so the whole range is skipped rather than failing per cluster.
-                if (!img.RefblockUsable(b)) continue;
-                img.ReadRefblockRaw(b, blk);
-                disk = blk;
+                if (!img.IsRefcountBlockUsable(b)) continue;
+                img.ReadRefcountBlock(b, block);
+                disk = block;
             }
             if (disk.IsEmpty && counted.IsEmpty) continue;
             ulong first = page << refs.PageBits;
@@ -149,15 +149,15 @@ internal static class Qcow2Check
                 if (lastByte >= 0)
                 {
                     ulong e = (((ulong)lastByte + 1) << 3 >> order) - 1; // last entry in that byte
-                    while (Qcow2Image.GetRefcountIn(disk, e, order) == 0) e--;
+                    while (RefcountBlock.Get(disk, e, order) == 0) e--;
                     highestRc = first + e;
                 }
                 continue;
             }
             for (ulong i = 0; i < count; i++)
             {
-                ulong rc = disk.IsEmpty ? 0 : Qcow2Image.GetRefcountIn(disk, i, order);
-                ulong rf = counted.IsEmpty ? 0 : Qcow2Image.GetRefcountIn(counted, i, order);
+                ulong rc = disk.IsEmpty ? 0 : RefcountBlock.Get(disk, i, order);
+                ulong rf = counted.IsEmpty ? 0 : RefcountBlock.Get(counted, i, order);
                 ulong ci = first + i;
                 if (rc != 0) highestRc = ci;
                 if (rc == rf) continue;
@@ -174,27 +174,28 @@ internal static class Qcow2Check
 
     private static void CheckCopied(Qcow2Image img, Result r)
     {
-        int cs = img.ClusterSize;
-        var l2buf = new byte[cs];
+        int clusterSize = img.ClusterSize;
+        var l2Table = new byte[clusterSize];
         var l1 = img.L1;
         for (int i = 0; i < l1.Length; i++)
         {
             ulong l2 = l1[i] & Qcow2Const.OffsetMask;
-            if (l2 == 0 || (l2 & (ulong)(cs - 1)) != 0 || l2 + (ulong)cs > img.FileEnd) continue;
+            if (l2 == 0 || (l2 & (ulong)(clusterSize - 1)) != 0 || l2 + (ulong)clusterSize > img.FileEnd) continue;
             // A refcount that cannot be read (its block is reported already) says nothing about COPIED.
             bool known = img.TryGetRefcount(l2 >> img.ClusterBits, out ulong rc);
             bool copied = (l1[i] & Qcow2Const.CopiedFlag) != 0;
             if (known && (rc == 1) != copied)
                 r.Corrupt($"ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1[i]:x} refcount={rc}");
-            img.ReadL2Table(l2, l2buf);
-            for (int j = 0; j < cs / img.L2EntrySize; j++)
+            img.ReadL2Table(l2, l2Table);
+            bool extendedL2 = img.Header.ExtendedL2;
+            for (int j = 0; j < clusterSize / img.L2EntrySize; j++)
             {
-                var e = new L2Entry(BinaryPrimitives.ReadUInt64BigEndian(l2buf.AsSpan(j * img.L2EntrySize)));
+                var e = L2Entry.Read(l2Table, j, extendedL2);
                 if (e.IsCompressed) continue;
                 ulong h = e.HostOffset;
-                if (h == 0 || (h & (ulong)(cs - 1)) != 0 || h >= img.FileEnd) continue;
-                if (img.TryGetRefcount(h >> img.ClusterBits, out ulong drc) && (drc == 1) != e.IsCopied)
-                    r.Corrupt($"ERROR OFLAG_COPIED data cluster: l2_entry={e.Raw:x} refcount={drc}");
+                if (h == 0 || (h & (ulong)(clusterSize - 1)) != 0 || h >= img.FileEnd) continue;
+                if (img.TryGetRefcount(h >> img.ClusterBits, out ulong dataRefcount) && (dataRefcount == 1) != e.IsCopied)
+                    r.Corrupt($"ERROR OFLAG_COPIED data cluster: l2_entry={e.Raw:x} refcount={dataRefcount}");
             }
         }
     }
@@ -202,34 +203,34 @@ internal static class Qcow2Check
     /// <summary>Counts references to every host cluster; reports malformed entries into <paramref name="r"/>.</summary>
     private static RefcountMap Count(Qcow2Image img, Result r, out ulong highest)
     {
-        int cb = img.ClusterBits;
-        int cs = img.ClusterSize;
+        int clusterBits = img.ClusterBits;
+        int clusterSize = img.ClusterSize;
         bool v3 = img.Header.Version >= 3;
-        bool ext = img.Header.ExtendedL2;
-        ulong fileClusters = img.FileEnd >> cb;
+        bool extendedL2 = img.Header.ExtendedL2;
+        ulong fileClusters = img.FileEnd >> clusterBits;
         if (fileClusters > MaxCheckedClusters)
             ThrowHelper.Throw(ImageErrorKind.UnsupportedFeature, img.Path, "image file too large to check");
-        var refs = new RefcountMap(fileClusters, cb, img.Header.RefcountOrder);
-        ulong hi = 0;
+        var refs = new RefcountMap(fileClusters, clusterBits, img.Header.RefcountOrder);
+        ulong highestCluster = 0;
         void Add(ulong off, ulong bytes, string what)
         {
             if (bytes == 0) return;
             ulong end = off + bytes;
-            if (end < off || (end - 1) >> cb >= fileClusters)
+            if (end < off || (end - 1) >> clusterBits >= fileClusters)
             {
                 r.Corrupt($"ERROR {what} at offset 0x{off:x} lies beyond the end of the image file");
                 return;
             }
-            for (ulong c = off >> cb; c <= (end - 1) >> cb; c++)
+            for (ulong c = off >> clusterBits; c <= (end - 1) >> clusterBits; c++)
             {
-                if (!refs.Increment(c)) r.Corrupt($"ERROR: overflow cluster offset=0x{c << cb:x}");
-                if (c > hi) hi = c;
+                if (!refs.Increment(c)) r.Corrupt($"ERROR: overflow cluster offset=0x{c << clusterBits:x}");
+                if (c > highestCluster) highestCluster = c;
             }
         }
-        Add(0, (ulong)cs, "header");
+        Add(0, (ulong)clusterSize, "header");
         var h = img.Header;
 
-        var l2buf = new byte[cs];
+        var l2Table = new byte[clusterSize];
         void WalkL1(ulong[] l1, ulong l1Off, bool active)
         {
             Add(l1Off, (ulong)l1.Length * 8, "L1 table");
@@ -237,59 +238,59 @@ internal static class Qcow2Check
             {
                 ulong l2 = l1[i] & Qcow2Const.OffsetMask;
                 if (l2 == 0) continue;
-                if ((l2 & (ulong)(cs - 1)) != 0)
+                if ((l2 & (ulong)(clusterSize - 1)) != 0)
                 {
                     r.Corrupt($"ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted");
                     continue;
                 }
-                if (l2 + (ulong)cs > img.FileEnd)
+                if (l2 + (ulong)clusterSize > img.FileEnd)
                 {
                     r.Corrupt($"ERROR l2_offset={l2:x}: L2 table lies beyond the end of the image file");
                     continue;
                 }
-                Add(l2, (ulong)cs, "L2 table");
-                img.ReadL2Table(l2, l2buf);
+                Add(l2, (ulong)clusterSize, "L2 table");
+                img.ReadL2Table(l2, l2Table);
                 ulong nextContig = 0;
-                for (int j = 0; j < cs / img.L2EntrySize; j++)
+                for (int j = 0; j < clusterSize / img.L2EntrySize; j++)
                 {
-                    var e = new L2Entry(BinaryPrimitives.ReadUInt64BigEndian(l2buf.AsSpan(j * img.L2EntrySize)));
+                    var e = L2Entry.Read(l2Table, j, extendedL2);
                     if (e.IsCompressed)
                     {
                         if (e.IsCopied)
                             r.Corrupt($"ERROR: coffset=0x{e.Raw:x}: copied flag must never be set for compressed clusters");
-                        img.DecodeCompressed(e.Raw, out ulong co, out int clen);
-                        Add(co, (ulong)clen, "compressed cluster");
+                        img.DecodeCompressed(e, out ulong compressedOffset, out int compressedLength);
+                        Add(compressedOffset, (ulong)compressedLength, "compressed cluster");
                         if (active) { r.AllocatedClusters++; r.CompressedClusters++; }
                         continue;
                     }
-                    ulong hst = e.HostOffset;
-                    CheckEntryFlags(r, e, ext ? BinaryPrimitives.ReadUInt64BigEndian(l2buf.AsSpan(j * 16 + 8)) : 0, v3, ext);
-                    if (hst == 0) continue;
-                    if ((hst & (ulong)(cs - 1)) != 0)
+                    ulong host = e.HostOffset;
+                    CheckEntryFlags(r, e, v3, extendedL2);
+                    if (host == 0) continue;
+                    if ((host & (ulong)(clusterSize - 1)) != 0)
                     {
                         // qcow2.txt "Standard Cluster Descriptor": bits 9-55 hold a cluster-aligned offset.
-                        r.Corrupt($"ERROR offset={hst:x}: Data cluster is not properly aligned; L2 entry corrupted.");
+                        r.Corrupt($"ERROR offset={host:x}: Data cluster is not properly aligned; L2 entry corrupted.");
                         continue;
                     }
-                    Add(hst, (ulong)cs, "data cluster");
+                    Add(host, (ulong)clusterSize, "data cluster");
                     if (active)
                     {
                         r.AllocatedClusters++;
-                        if (nextContig != 0 && hst != nextContig) r.FragmentedClusters++;
-                        nextContig = hst + (ulong)cs;
+                        if (nextContig != 0 && host != nextContig) r.FragmentedClusters++;
+                        nextContig = host + (ulong)clusterSize;
                     }
                 }
             }
         }
         WalkL1(img.L1, img.L1Offset, true);
         Add(img.RefcountTableOffset, (ulong)img.RefcountTable.Length * 8, "refcount table");
-        var rt = img.RefcountTable;
-        for (int i = 0; i < rt.Length; i++)
+        var refcountTable = img.RefcountTable;
+        for (int i = 0; i < refcountTable.Length; i++)
         {
-            ulong b = rt[i] & Qcow2Const.OffsetMask;
+            ulong b = refcountTable[i] & Qcow2Const.OffsetMask;
             if (b == 0) continue;
-            if ((b & (ulong)(cs - 1)) != 0) { r.Corrupt($"ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"); continue; }
-            Add(b, (ulong)cs, $"refcount block {i}");
+            if ((b & (ulong)(clusterSize - 1)) != 0) { r.Corrupt($"ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"); continue; }
+            Add(b, (ulong)clusterSize, $"refcount block {i}");
         }
         if (h.NbSnapshots > 0)
         {
@@ -297,27 +298,28 @@ internal static class Qcow2Check
             Add(h.SnapshotsOffset, tb, "snapshot table");
             foreach (var s in snaps)
             {
-                if ((s.L1Offset & (ulong)(cs - 1)) != 0 || s.L1Offset + (ulong)s.L1Size * 8 > img.FileEnd)
+                if ((s.L1Offset & (ulong)(clusterSize - 1)) != 0 || s.L1Offset + (ulong)s.L1Size * 8 > img.FileEnd)
                 {
                     r.Corrupt($"ERROR snapshot {s.Id} L1 table at 0x{s.L1Offset:x} invalid");
                     continue;
                 }
-                var sl1 = new ulong[s.L1Size];
+                var snapshotL1 = new ulong[s.L1Size];
                 var raw = new byte[s.L1Size * 8];
                 img.ReadHost(raw, s.L1Offset);
-                for (int i = 0; i < sl1.Length; i++) sl1[i] = BinaryPrimitives.ReadUInt64BigEndian(raw.AsSpan(i * 8));
-                WalkL1(sl1, s.L1Offset, false);
+                for (int i = 0; i < snapshotL1.Length; i++) snapshotL1[i] = BinaryPrimitives.ReadUInt64BigEndian(raw.AsSpan(i * 8));
+                WalkL1(snapshotL1, s.L1Offset, false);
             }
         }
-        highest = hi;
+        highest = highestCluster;
         return refs;
     }
 
     /// <summary>Flag combinations the reader refuses (qemu: "Image is corrupt") reported as corruptions.</summary>
-    private static void CheckEntryFlags(Result r, L2Entry e, ulong bitmap, bool v3, bool ext)
+    private static void CheckEntryFlags(Result r, L2Entry e, bool v3, bool extendedL2)
     {
-        if (ext)
+        if (extendedL2)
         {
+            ulong bitmap = e.SubclusterBitmap;
             // qcow2.txt "Extended L2 Entries": bit x = subcluster allocated, bit 32+x = reads as zeros;
             // both set is invalid, and allocated subclusters need a host cluster.
             uint alloc = (uint)bitmap, zero = (uint)(bitmap >> 32);

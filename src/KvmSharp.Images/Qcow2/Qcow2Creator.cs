@@ -55,7 +55,7 @@ public static class Qcow2Creator
         // Refcount table entry 0 → refcount block at cluster 2; the block counts clusters 0..2.
         BinaryPrimitives.WriteUInt64BigEndian(buf.AsSpan(o.ClusterSize), 2UL * (ulong)o.ClusterSize);
         var rb = buf.AsSpan(2 * o.ClusterSize, o.ClusterSize);
-        for (ulong c = 0; c < 3; c++) Qcow2Image.SetRefcountIn(rb, c, h.RefcountOrder, 1);
+        for (ulong c = 0; c < 3; c++) RefcountBlock.Set(rb, c, h.RefcountOrder, 1);
         // Emptied only once QEMU's write lock is held: never over an image someone uses.
         using (var f = ImageFile.Create(path))
         try

@@ -3,58 +3,34 @@ using System.Text;
 
 namespace KvmSharp.Images.Qcow2;
 
-/// <summary>Named limits and constants from QEMU docs/interop/qcow2.txt, with the reason for each cap.</summary>
-internal static class Qcow2Const
-{
-    public const uint Magic = 0x514649fb; // "QFI\xfb", qcow2.txt "Header"
-    public const int V2HeaderLength = 72;
-    public const int V3MinHeaderLength = 104;
-    /// <summary>512 B clusters: qcow2.txt "cluster_bits ... must not be less than 9".</summary>
-    public const int MinClusterBits = 9;
-    /// <summary>2 MiB clusters: QEMU's limit (MAX_CLUSTER_BITS 21); bigger values only serve hostile images.</summary>
-    public const int MaxClusterBits = 21;
-    /// <summary>QEMU's QCOW_MAX_L1_SIZE (32 MiB of L1 entries); bounds memory we allocate for L1.</summary>
-    public const ulong MaxL1Bytes = 32UL * 1024 * 1024;
-    /// <summary>QEMU's QCOW_MAX_REFTABLE_SIZE (8 MiB).</summary>
-    public const ulong MaxRefTableBytes = 8UL * 1024 * 1024;
-    /// <summary>qcow2.txt: backing file name "must not be longer than 1023 bytes".</summary>
-    public const int MaxBackingNameLength = 1023;
-    /// <summary>Virtual size cap (QEMU's QCOW_MAX_... 2^63 - 512 rounding; we keep 2^56 = 64 PiB so offsets never overflow).</summary>
-    public const ulong MaxVirtualSize = 1UL << 56;
-    /// <summary>Backing chain depth cap; QEMU has none besides stack, we keep chains short and loops finite.</summary>
-    public const int MaxBackingDepth = 32;
-    /// <summary>Snapshot table cap: QEMU's QCOW_MAX_SNAPSHOTS.</summary>
-    public const uint MaxSnapshots = 65536;
-
-    // qcow2.txt "Host cluster offset" masks: bits 9-55 of L1/L2 entries.
-    public const ulong OffsetMask = 0x00fffffffffffe00UL;
-    public const ulong CopiedFlag = 1UL << 63;
-    public const ulong CompressedFlag = 1UL << 62;
-    public const ulong ZeroFlag = 1UL; // bit 0 of a standard L2 entry (v3 only)
-    public const ulong L1ReservedMask = 0x7f000000000001ffUL;
-
-    // Incompatible feature bits (qcow2.txt header byte 72).
-    public const ulong IncompatDirty = 1UL << 0;
-    public const ulong IncompatCorrupt = 1UL << 1;
-    public const ulong IncompatDataFile = 1UL << 2;
-    public const ulong IncompatCompression = 1UL << 3;
-    public const ulong IncompatExtendedL2 = 1UL << 4;
-    public const ulong IncompatKnown = 0x1f;
-    public const ulong CompatLazyRefcounts = 1UL << 0;
-    public const ulong AutoclearBitmaps = 1UL << 0;
-    public const ulong AutoclearDataFileRaw = 1UL << 1;
-
-    // Header extension types (qcow2.txt "Header extensions").
-    public const uint ExtEnd = 0;
-    public const uint ExtBackingFormat = 0xe2792aca;
-    public const uint ExtFeatureTable = 0x6803f857;
-    public const uint ExtBitmaps = 0x23852875;
-    public const uint ExtCrypto = 0x0537be77;
-    public const uint ExtDataFile = 0x44415441;
-}
-
+/// <summary>The qcow2 header (qcow2.txt "Header"), parsed and validated, and written back.</summary>
 internal sealed class Qcow2Header
 {
+    /// <summary>Byte offsets of the header fields (qcow2.txt "Header", big endian; names as there).</summary>
+    public static class Field
+    {
+        public const int Magic = 0;
+        public const int Version = 4;
+        public const int BackingFileOffset = 8;
+        public const int BackingFileSize = 16;
+        public const int ClusterBits = 20;
+        public const int Size = 24;
+        public const int CryptMethod = 32;
+        public const int L1Size = 36;
+        public const int L1TableOffset = 40;
+        public const int RefcountTableOffset = 48;
+        public const int RefcountTableClusters = 56;
+        public const int NbSnapshots = 60;
+        public const int SnapshotsOffset = 64;
+        // Version 3 and later:
+        public const int IncompatibleFeatures = 72;
+        public const int CompatibleFeatures = 80;
+        public const int AutoclearFeatures = 88;
+        public const int RefcountOrder = 96;
+        public const int HeaderLength = 100;
+        public const int CompressionType = 104;
+    }
+
     public uint Version;
     public ulong BackingFileOffset;
     public uint BackingFileSize;
@@ -96,38 +72,38 @@ internal sealed class Qcow2Header
         if (buf.Length < Qcow2Const.V2HeaderLength || BinaryPrimitives.ReadUInt32BigEndian(buf) != Qcow2Const.Magic)
             ThrowHelper.Throw(ImageErrorKind.InvalidFormat, path, "not a qcow2 image (bad magic)", 0);
         var h = new Qcow2Header();
-        h.Version = BinaryPrimitives.ReadUInt32BigEndian(buf[4..]);
+        h.Version = BinaryPrimitives.ReadUInt32BigEndian(buf[Field.Version..]);
         if (h.Version is not 2 and not 3)
-            ThrowHelper.Throw(ImageErrorKind.UnsupportedFeature, path, $"qcow2 version {h.Version} is not supported", 4);
-        h.BackingFileOffset = BinaryPrimitives.ReadUInt64BigEndian(buf[8..]);
-        h.BackingFileSize = BinaryPrimitives.ReadUInt32BigEndian(buf[16..]);
-        uint cb = BinaryPrimitives.ReadUInt32BigEndian(buf[20..]);
+            ThrowHelper.Throw(ImageErrorKind.UnsupportedFeature, path, $"qcow2 version {h.Version} is not supported", Field.Version);
+        h.BackingFileOffset = BinaryPrimitives.ReadUInt64BigEndian(buf[Field.BackingFileOffset..]);
+        h.BackingFileSize = BinaryPrimitives.ReadUInt32BigEndian(buf[Field.BackingFileSize..]);
+        uint cb = BinaryPrimitives.ReadUInt32BigEndian(buf[Field.ClusterBits..]);
         if (cb < Qcow2Const.MinClusterBits || cb > Qcow2Const.MaxClusterBits)
-            ThrowHelper.Throw(ImageErrorKind.InvalidFormat, path, $"cluster_bits {cb} outside {Qcow2Const.MinClusterBits}..{Qcow2Const.MaxClusterBits}", 20);
+            ThrowHelper.Throw(ImageErrorKind.InvalidFormat, path, $"cluster_bits {cb} outside {Qcow2Const.MinClusterBits}..{Qcow2Const.MaxClusterBits}", Field.ClusterBits);
         h.ClusterBits = (int)cb;
-        h.Size = BinaryPrimitives.ReadUInt64BigEndian(buf[24..]);
-        h.CryptMethod = BinaryPrimitives.ReadUInt32BigEndian(buf[32..]);
-        h.L1Size = BinaryPrimitives.ReadUInt32BigEndian(buf[36..]);
-        h.L1TableOffset = BinaryPrimitives.ReadUInt64BigEndian(buf[40..]);
-        h.RefcountTableOffset = BinaryPrimitives.ReadUInt64BigEndian(buf[48..]);
-        h.RefcountTableClusters = BinaryPrimitives.ReadUInt32BigEndian(buf[56..]);
-        h.NbSnapshots = BinaryPrimitives.ReadUInt32BigEndian(buf[60..]);
-        h.SnapshotsOffset = BinaryPrimitives.ReadUInt64BigEndian(buf[64..]);
+        h.Size = BinaryPrimitives.ReadUInt64BigEndian(buf[Field.Size..]);
+        h.CryptMethod = BinaryPrimitives.ReadUInt32BigEndian(buf[Field.CryptMethod..]);
+        h.L1Size = BinaryPrimitives.ReadUInt32BigEndian(buf[Field.L1Size..]);
+        h.L1TableOffset = BinaryPrimitives.ReadUInt64BigEndian(buf[Field.L1TableOffset..]);
+        h.RefcountTableOffset = BinaryPrimitives.ReadUInt64BigEndian(buf[Field.RefcountTableOffset..]);
+        h.RefcountTableClusters = BinaryPrimitives.ReadUInt32BigEndian(buf[Field.RefcountTableClusters..]);
+        h.NbSnapshots = BinaryPrimitives.ReadUInt32BigEndian(buf[Field.NbSnapshots..]);
+        h.SnapshotsOffset = BinaryPrimitives.ReadUInt64BigEndian(buf[Field.SnapshotsOffset..]);
         if (h.Version >= 3)
         {
             if (buf.Length < Qcow2Const.V3MinHeaderLength)
                 ThrowHelper.Throw(ImageErrorKind.InvalidFormat, path, "truncated version 3 header", 0);
-            h.Incompatible = BinaryPrimitives.ReadUInt64BigEndian(buf[72..]);
-            h.Compatible = BinaryPrimitives.ReadUInt64BigEndian(buf[80..]);
-            h.Autoclear = BinaryPrimitives.ReadUInt64BigEndian(buf[88..]);
-            uint ro = BinaryPrimitives.ReadUInt32BigEndian(buf[96..]);
-            if (ro > 6) ThrowHelper.Throw(ImageErrorKind.InvalidFormat, path, $"refcount_order {ro} > 6", 96);
+            h.Incompatible = BinaryPrimitives.ReadUInt64BigEndian(buf[Field.IncompatibleFeatures..]);
+            h.Compatible = BinaryPrimitives.ReadUInt64BigEndian(buf[Field.CompatibleFeatures..]);
+            h.Autoclear = BinaryPrimitives.ReadUInt64BigEndian(buf[Field.AutoclearFeatures..]);
+            uint ro = BinaryPrimitives.ReadUInt32BigEndian(buf[Field.RefcountOrder..]);
+            if (ro > 6) ThrowHelper.Throw(ImageErrorKind.InvalidFormat, path, $"refcount_order {ro} > 6", Field.RefcountOrder);
             h.RefcountOrder = (int)ro;
-            h.HeaderLength = BinaryPrimitives.ReadUInt32BigEndian(buf[100..]);
+            h.HeaderLength = BinaryPrimitives.ReadUInt32BigEndian(buf[Field.HeaderLength..]);
             // qcow2.txt: header_length is at least 104 and a multiple of 8 from v3 on; it must fit in cluster 0.
             if (h.HeaderLength < Qcow2Const.V3MinHeaderLength || h.HeaderLength > (uint)Math.Min(buf.Length, h.ClusterSize) || h.HeaderLength % 8 != 0 && h.HeaderLength != 104)
-                ThrowHelper.Throw(ImageErrorKind.InvalidFormat, path, $"header_length {h.HeaderLength} invalid", 100);
-            if (h.HeaderLength > 104) h.CompressionType = buf[104];
+                ThrowHelper.Throw(ImageErrorKind.InvalidFormat, path, $"header_length {h.HeaderLength} invalid", Field.HeaderLength);
+            if (h.HeaderLength > 104) h.CompressionType = buf[Field.CompressionType];
         }
         int cs = h.ClusterSize;
         ulong fileLen = (ulong)Math.Max(0, fileLength);
@@ -144,43 +120,43 @@ internal sealed class Qcow2Header
         {
             int bit = System.Numerics.BitOperations.TrailingZeroCount(unknown);
             string name = h.FeatureName(0, bit) ?? $"unknown incompatible feature bit {bit}";
-            ThrowHelper.Throw(ImageErrorKind.UnsupportedFeature, path, $"unsupported qcow2 feature: {name}", 72);
+            ThrowHelper.Throw(ImageErrorKind.UnsupportedFeature, path, $"unsupported qcow2 feature: {name}", Field.IncompatibleFeatures);
         }
         if ((h.Incompatible & Qcow2Const.IncompatDataFile) != 0)
-            ThrowHelper.Throw(ImageErrorKind.UnsupportedFeature, path, "unsupported qcow2 feature: external data file", 72);
+            ThrowHelper.Throw(ImageErrorKind.UnsupportedFeature, path, "unsupported qcow2 feature: external data file", Field.IncompatibleFeatures);
         if (h.CryptMethod != 0)
-            ThrowHelper.Throw(ImageErrorKind.UnsupportedFeature, path, $"unsupported qcow2 feature: encryption (crypt_method {h.CryptMethod})", 32);
+            ThrowHelper.Throw(ImageErrorKind.UnsupportedFeature, path, $"unsupported qcow2 feature: encryption (crypt_method {h.CryptMethod})", Field.CryptMethod);
         if ((h.Incompatible & Qcow2Const.IncompatCompression) != 0 ? h.CompressionType > 1 : h.CompressionType != 0)
-            ThrowHelper.Throw(ImageErrorKind.UnsupportedFeature, path, $"unsupported qcow2 compression type {h.CompressionType}", 104);
+            ThrowHelper.Throw(ImageErrorKind.UnsupportedFeature, path, $"unsupported qcow2 compression type {h.CompressionType}", Field.CompressionType);
         if (h.ExtendedL2 && h.ClusterBits < 14)
-            ThrowHelper.Throw(ImageErrorKind.InvalidFormat, path, "extended L2 entries need clusters of at least 16 KiB", 20);
+            ThrowHelper.Throw(ImageErrorKind.InvalidFormat, path, "extended L2 entries need clusters of at least 16 KiB", Field.ClusterBits);
 
         if (h.Size > Qcow2Const.MaxVirtualSize)
-            ThrowHelper.Throw(ImageErrorKind.InvalidFormat, path, $"virtual size {h.Size} too large", 24);
+            ThrowHelper.Throw(ImageErrorKind.InvalidFormat, path, $"virtual size {h.Size} too large", Field.Size);
         // L1 must cover the virtual size, and fit our cap.
         ulong bytesPerL1 = 1UL << (h.ClusterBits + h.L2Bits);
         ulong needL1 = (h.Size + bytesPerL1 - 1) / bytesPerL1;
         if (h.L1Size < needL1)
-            ThrowHelper.Throw(ImageErrorKind.Corrupt, path, $"L1 table too small ({h.L1Size} entries for size {h.Size})", 36);
+            ThrowHelper.Throw(ImageErrorKind.Corrupt, path, $"L1 table too small ({h.L1Size} entries for size {h.Size})", Field.L1Size);
         if ((ulong)h.L1Size * 8 > Qcow2Const.MaxL1Bytes)
-            ThrowHelper.Throw(ImageErrorKind.InvalidFormat, path, $"L1 table of {h.L1Size} entries is too large", 36);
+            ThrowHelper.Throw(ImageErrorKind.InvalidFormat, path, $"L1 table of {h.L1Size} entries is too large", Field.L1Size);
         CheckTable(h.L1TableOffset, (ulong)h.L1Size * 8, cs, fileLen, path, "L1 table", 40, h.L1Size != 0);
         if (h.RefcountTableClusters == 0 || (ulong)h.RefcountTableClusters << h.ClusterBits > Qcow2Const.MaxRefTableBytes)
-            ThrowHelper.Throw(ImageErrorKind.InvalidFormat, path, $"refcount table of {h.RefcountTableClusters} clusters invalid", 56);
+            ThrowHelper.Throw(ImageErrorKind.InvalidFormat, path, $"refcount table of {h.RefcountTableClusters} clusters invalid", Field.RefcountTableClusters);
         CheckTable(h.RefcountTableOffset, (ulong)h.RefcountTableClusters << h.ClusterBits, cs, fileLen, path, "refcount table", 48, true);
         if (h.NbSnapshots > Qcow2Const.MaxSnapshots)
-            ThrowHelper.Throw(ImageErrorKind.InvalidFormat, path, $"{h.NbSnapshots} snapshots is too many", 60);
+            ThrowHelper.Throw(ImageErrorKind.InvalidFormat, path, $"{h.NbSnapshots} snapshots is too many", Field.NbSnapshots);
         if (h.NbSnapshots > 0)
             CheckTable(h.SnapshotsOffset, 40, cs, fileLen, path, "snapshot table", 64, true);
 
         if (h.BackingFileOffset != 0)
         {
             if (h.BackingFileSize == 0 || h.BackingFileSize > Qcow2Const.MaxBackingNameLength)
-                ThrowHelper.Throw(ImageErrorKind.InvalidFormat, path, $"backing file name length {h.BackingFileSize} invalid", 16);
+                ThrowHelper.Throw(ImageErrorKind.InvalidFormat, path, $"backing file name length {h.BackingFileSize} invalid", Field.BackingFileSize);
             // qcow2.txt: the name lives in the first cluster.
             ulong end = h.BackingFileOffset + h.BackingFileSize;
             if (end > (ulong)cs || end > (ulong)buf.Length || h.BackingFileOffset < Qcow2Const.V2HeaderLength)
-                ThrowHelper.Throw(ImageErrorKind.InvalidFormat, path, "backing file name outside the header cluster", 8);
+                ThrowHelper.Throw(ImageErrorKind.InvalidFormat, path, "backing file name outside the header cluster", Field.BackingFileOffset);
             h.BackingFile = Encoding.UTF8.GetString(buf.Slice((int)h.BackingFileOffset, (int)h.BackingFileSize));
         }
         return h;
@@ -260,26 +236,26 @@ internal sealed class Qcow2Header
     public void Write(Span<byte> cluster, bool writeFeatureTable = true)
     {
         BinaryPrimitives.WriteUInt32BigEndian(cluster, Qcow2Const.Magic);
-        BinaryPrimitives.WriteUInt32BigEndian(cluster[4..], Version);
-        BinaryPrimitives.WriteUInt32BigEndian(cluster[20..], (uint)ClusterBits);
-        BinaryPrimitives.WriteUInt64BigEndian(cluster[24..], Size);
-        BinaryPrimitives.WriteUInt32BigEndian(cluster[32..], CryptMethod);
-        BinaryPrimitives.WriteUInt32BigEndian(cluster[36..], L1Size);
-        BinaryPrimitives.WriteUInt64BigEndian(cluster[40..], L1TableOffset);
-        BinaryPrimitives.WriteUInt64BigEndian(cluster[48..], RefcountTableOffset);
-        BinaryPrimitives.WriteUInt32BigEndian(cluster[56..], RefcountTableClusters);
-        BinaryPrimitives.WriteUInt32BigEndian(cluster[60..], NbSnapshots);
-        BinaryPrimitives.WriteUInt64BigEndian(cluster[64..], SnapshotsOffset);
+        BinaryPrimitives.WriteUInt32BigEndian(cluster[Field.Version..], Version);
+        BinaryPrimitives.WriteUInt32BigEndian(cluster[Field.ClusterBits..], (uint)ClusterBits);
+        BinaryPrimitives.WriteUInt64BigEndian(cluster[Field.Size..], Size);
+        BinaryPrimitives.WriteUInt32BigEndian(cluster[Field.CryptMethod..], CryptMethod);
+        BinaryPrimitives.WriteUInt32BigEndian(cluster[Field.L1Size..], L1Size);
+        BinaryPrimitives.WriteUInt64BigEndian(cluster[Field.L1TableOffset..], L1TableOffset);
+        BinaryPrimitives.WriteUInt64BigEndian(cluster[Field.RefcountTableOffset..], RefcountTableOffset);
+        BinaryPrimitives.WriteUInt32BigEndian(cluster[Field.RefcountTableClusters..], RefcountTableClusters);
+        BinaryPrimitives.WriteUInt32BigEndian(cluster[Field.NbSnapshots..], NbSnapshots);
+        BinaryPrimitives.WriteUInt64BigEndian(cluster[Field.SnapshotsOffset..], SnapshotsOffset);
         int pos;
         if (Version >= 3)
         {
             HeaderLength = 112;
-            BinaryPrimitives.WriteUInt64BigEndian(cluster[72..], Incompatible);
-            BinaryPrimitives.WriteUInt64BigEndian(cluster[80..], Compatible);
-            BinaryPrimitives.WriteUInt64BigEndian(cluster[88..], Autoclear);
-            BinaryPrimitives.WriteUInt32BigEndian(cluster[96..], (uint)RefcountOrder);
-            BinaryPrimitives.WriteUInt32BigEndian(cluster[100..], HeaderLength);
-            cluster[104] = CompressionType;
+            BinaryPrimitives.WriteUInt64BigEndian(cluster[Field.IncompatibleFeatures..], Incompatible);
+            BinaryPrimitives.WriteUInt64BigEndian(cluster[Field.CompatibleFeatures..], Compatible);
+            BinaryPrimitives.WriteUInt64BigEndian(cluster[Field.AutoclearFeatures..], Autoclear);
+            BinaryPrimitives.WriteUInt32BigEndian(cluster[Field.RefcountOrder..], (uint)RefcountOrder);
+            BinaryPrimitives.WriteUInt32BigEndian(cluster[Field.HeaderLength..], HeaderLength);
+            cluster[Field.CompressionType] = CompressionType;
             pos = 112;
         }
         else pos = Qcow2Const.V2HeaderLength;
@@ -321,8 +297,8 @@ internal sealed class Qcow2Header
             name.CopyTo(cluster[pos..]);
         }
         else { BackingFileOffset = 0; BackingFileSize = 0; }
-        BinaryPrimitives.WriteUInt64BigEndian(cluster[8..], BackingFileOffset);
-        BinaryPrimitives.WriteUInt32BigEndian(cluster[16..], BackingFileSize);
+        BinaryPrimitives.WriteUInt64BigEndian(cluster[Field.BackingFileOffset..], BackingFileOffset);
+        BinaryPrimitives.WriteUInt32BigEndian(cluster[Field.BackingFileSize..], BackingFileSize);
     }
 
     private static int WriteExt(Span<byte> c, int pos, uint type, ReadOnlySpan<byte> data)

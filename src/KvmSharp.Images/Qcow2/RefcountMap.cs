@@ -29,7 +29,7 @@ internal sealed class RefcountMap
         _pageBytes = 1 << clusterBits;
         PageBits = clusterBits + 3 - refcountOrder;
         _pages = new byte[]?[(clusters + (1UL << PageBits) - 1) >> PageBits];
-        Max = refcountOrder == 6 ? ulong.MaxValue : (1UL << (1 << refcountOrder)) - 1;
+        Max = RefcountBlock.MaxRefcount(refcountOrder);
     }
 
     public ulong PageCount => (ulong)_pages.Length;
@@ -40,7 +40,7 @@ internal sealed class RefcountMap
     public ulong Get(ulong cluster)
     {
         byte[]? p = _pages[cluster >> PageBits];
-        return p is null ? 0 : Qcow2Image.GetRefcountIn(p, cluster & ((1UL << PageBits) - 1), _order);
+        return p is null ? 0 : RefcountBlock.Get(p, cluster & ((1UL << PageBits) - 1), _order);
     }
 
     /// <summary>Counts one more reference; false (count unchanged) when it is already <see cref="Max"/>.</summary>
@@ -49,9 +49,9 @@ internal sealed class RefcountMap
         ref byte[]? p = ref _pages[cluster >> PageBits];
         p ??= new byte[_pageBytes];
         ulong i = cluster & ((1UL << PageBits) - 1);
-        ulong v = Qcow2Image.GetRefcountIn(p, i, _order);
+        ulong v = RefcountBlock.Get(p, i, _order);
         if (v == Max) return false;
-        Qcow2Image.SetRefcountIn(p, i, _order, v + 1);
+        RefcountBlock.Set(p, i, _order, v + 1);
         return true;
     }
 }

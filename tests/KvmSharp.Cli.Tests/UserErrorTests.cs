@@ -1,8 +1,9 @@
 using System.Diagnostics;
 using System.Security.Cryptography;
-using KvmSharp.Images.Tool;
+using KvmSharp.Cli.Img;
+using KvmSharp.Images;
 
-namespace KvmSharp.Images.Tests;
+namespace KvmSharp.Cli.Tests;
 
 /// <summary>
 /// Careless commands that qemu-img refuses: the output is the input (under any name) or in its

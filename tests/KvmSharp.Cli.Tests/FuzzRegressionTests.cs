@@ -1,6 +1,6 @@
 using KvmSharp.Fuzz;
 
-namespace KvmSharp.Images.Tests;
+namespace KvmSharp.Cli.Tests;
 
 /// <summary>
 /// Every input the fuzzer found (fuzz/regressions/qcow2) and every seed (fuzz/corpus/qcow2) goes

@@ -1,8 +1,9 @@
 using System.Buffers.Binary;
 using KvmSharp.Images.Qcow2;
-using KvmSharp.Images.Tool;
+using KvmSharp.Cli.Img;
+using KvmSharp.Images;
 
-namespace KvmSharp.Images.Tests;
+namespace KvmSharp.Cli.Tests;
 
 /// <summary>
 /// Hostile images: mutated headers and tables (fixed seeds) must end in an ImageException, never another

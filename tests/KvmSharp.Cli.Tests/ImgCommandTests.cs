@@ -1,7 +1,8 @@
 using System.Text.Json;
-using KvmSharp.Images.Tool;
+using KvmSharp.Cli.Img;
+using KvmSharp.Images;
 
-namespace KvmSharp.Images.Tests;
+namespace KvmSharp.Cli.Tests;
 
 /// <summary>`img` subcommands against qemu-img: same results, same field names, same exit codes.</summary>
 public class ImgCommandTests

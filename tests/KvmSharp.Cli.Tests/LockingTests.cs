@@ -1,8 +1,9 @@
 using System.Diagnostics;
 using System.Security.Cryptography;
-using KvmSharp.Images.Tool;
+using KvmSharp.Cli.Img;
+using KvmSharp.Images;
 
-namespace KvmSharp.Images.Tests;
+namespace KvmSharp.Cli.Tests;
 
 /// <summary>
 /// QEMU's image locking (OFD byte locks, block/file-posix.c) both ways: a qemu-io holding an image

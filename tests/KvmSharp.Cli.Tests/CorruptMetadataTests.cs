@@ -1,7 +1,8 @@
 using System.Buffers.Binary;
-using KvmSharp.Images.Tool;
+using KvmSharp.Cli.Img;
+using KvmSharp.Images;
 
-namespace KvmSharp.Images.Tests;
+namespace KvmSharp.Cli.Tests;
 
 /// <summary>
 /// Metadata qemu-img refuses as corrupt is refused by every reader here too (map, convert, plain reads)

@@ -1,6 +1,8 @@
 using System.Globalization;
 
-namespace KvmSharp.Images.Tool;
+using KvmSharp.Images;
+
+namespace KvmSharp.Cli.Img;
 
 /// <summary>Minimal getopt for qemu-img syntax: short options (with or without attached values), long options, positionals.</summary>
 internal sealed class ImgArgs
@@ -62,6 +64,17 @@ internal sealed class ImgArgs
     public bool Has(string name) => Options.ContainsKey(name);
     public string? Get(string name) => Options.TryGetValue(name, out var v) ? v : null;
 
+    /// <summary>-U / --force-share (qemu-img): read-only images take no write or resize lock bytes,
+    /// so they open while another process writes them (at the reader's own risk).</summary>
+    public bool ForceShare => Has("U") || Has("force-share");
+
+    /// <summary>The one positional argument, else the usage error "Expecting one <paramref name="what"/> name".</summary>
+    public string One(string what)
+    {
+        if (Positional.Count != 1) throw Bad($"Expecting one {what} name");
+        return Positional[0];
+    }
+
     public static ImageException Bad(string message) => new(ImageErrorKind.InvalidArgument, null, message);
 
     /// <summary>The largest size any size argument may give: qemu-img takes sizes as int64_t.</summary>
@@ -108,17 +121,6 @@ internal sealed class ImgArgs
         if (!int.TryParse(s, NumberStyles.AllowLeadingSign, CultureInfo.InvariantCulture, out int v) || v < min || v > max)
             throw Bad($"Invalid {what} specified. Must be between {min} and {max}.");
         return v;
-    }
-
-    /// <summary>qemu's size_to_str: three significant digits in the largest unit below 1000.</summary>
-    public static string HumanSize(ulong v)
-    {
-        string[] suffix = { "B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB" };
-        if (v < 1000) return v.ToString(CultureInfo.InvariantCulture) + " B";
-        int e = Math.ILogB(v / (1000.0 / 1024.0)) + 1;
-        int i = (e - 1) / 10;
-        double scaled = v / Math.Pow(2, 10 * i);
-        return scaled.ToString("G3", CultureInfo.InvariantCulture) + " " + suffix[i];
     }
 
     /// <summary>Parses "-o a=b,c=d" into pairs (qemu escapes commas by doubling; not needed for our keys).</summary>

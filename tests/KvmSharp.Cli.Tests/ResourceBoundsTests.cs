@@ -1,7 +1,8 @@
 using System.Diagnostics;
-using KvmSharp.Images.Tool;
+using KvmSharp.Cli.Img;
+using KvmSharp.Images;
 
-namespace KvmSharp.Images.Tests;
+namespace KvmSharp.Cli.Tests;
 
 /// <summary>
 /// Time and memory follow what an image holds (metadata, allocated clusters, the file's real size), never
