@@ -52,7 +52,7 @@ build() {
   find "$OUT/instrumented" -mindepth 1 -maxdepth 1 -mtime +1 -exec rm -rf {} + 2>/dev/null
   mkdir -p "$OUT/instrumented" && rm -rf "$INSTR.new" && cp -r "$PLAIN" "$INSTR.new" || die "cannot copy the build"
   local s=$OUT/tools/sharpfuzz
-  { "$s" "$INSTR.new/KvmSharp.Images.dll" && "$s" "$INSTR.new/KvmSharp.Boot.dll" \
+  { "$s" "$INSTR.new/KvmSharp.Images.dll" && "$s" "$INSTR.new/KvmSharp.Boot.dll" && "$s" "$INSTR.new/kvmsharp.dll" KvmSharp.Cli.Img \
       && "$s" "$INSTR.new/SharpCompress.dll" SharpCompress.Compressors.LZMA; } >"$OUT/instrument.log" 2>&1 \
     || { cat "$OUT/instrument.log" >&2; die "instrumentation failed"; }
   touch "$INSTR.new/.done"
