@@ -1,7 +1,4 @@
 using System.Reflection;
-using KvmSharp.Boot;
-using KvmSharp.Interop;
-using KvmSharp.Vmm;
 
 namespace KvmSharp.Cli;
 

@@ -21,6 +21,16 @@ public class LayerTests
             $"forbidden reference: {string.Join("; ", broken)} ({rule.Why}; design.md \"Layers\").");
     }
 
+    [Theory]
+    [MemberData(nameof(Assemblies))]
+    public void ReachesSomeAssembliesOnlyThroughAnother(string assembly)
+    {
+        var rule = LayerRules.Table.Single(r => r.Assembly == assembly);
+        var direct = Load(assembly).GetReferencedAssemblies().Select(a => a.Name!).ToHashSet();
+        var broken = (rule.MustNotReferenceDirectly ?? []).Where(direct.Contains).ToList();
+        Assert.True(broken.Count == 0, $"{assembly} references {string.Join(", ", broken)} directly ({rule.Why}).");
+    }
+
     [Fact]
     public void EverySrcProjectHasARow()
     {
