@@ -8,6 +8,12 @@ internal static class RunCommand
 {
     public static int Run(string[] args)
     {
+        // Anywhere on the line, as most tools do: `kvmsharp run --kernel x --help` shows the usage.
+        if (Array.Exists(args, a => a is "-h" or "--help"))
+        {
+            System.Console.Out.Write(Program.RunUsage);
+            return 0;
+        }
         VmConfig config;
         try
         {
