@@ -67,6 +67,7 @@ public static unsafe partial class Libc
     public static bool EventFdWrite(int fd)
     {
         ulong one = 1;
+        // SAFETY: &one is an 8-byte local, the size an eventfd write takes (eventfd(2)).
         return write(fd, &one, 8) == 8;
     }
 
@@ -74,6 +75,7 @@ public static unsafe partial class Libc
     public static ulong EventFdRead(int fd)
     {
         ulong value = 0;
+        // SAFETY: &value is an 8-byte local, the size an eventfd read fills (eventfd(2)).
         return read(fd, &value, 8) == 8 ? value : 0;
     }
 }
