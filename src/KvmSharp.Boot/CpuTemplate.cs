@@ -30,7 +30,7 @@ public readonly record struct CpuidLeaf(uint Function, uint? Index)
 /// </list>
 /// Example: <c>--cpu-template minimal,popcnt,0x7.0:ebx:20</c>. Removing <c>xsave</c> also removes
 /// <c>osxsave</c> and leaf 0xD. On a PVM host CPUID changes are not honoured by the hardware;
-/// <see cref="LinuxKernelArguments"/> gives the equivalent <c>noxsave clearcpuid=…</c> parameters.
+/// <see cref="LinuxKernelArguments()"/> gives the equivalent <c>noxsave clearcpuid=…</c> parameters.
 /// </summary>
 public sealed record CpuTemplate(string Name, IReadOnlyList<CpuidBit> RemovedBits, IReadOnlyList<CpuidLeaf> ClearedLeaves)
 {

@@ -36,10 +36,13 @@ public static unsafe partial class Libc
     [LibraryImport(LibraryName, EntryPoint = "epoll_wait", SetLastError = true)]
     public static partial int epoll_wait(int epfd, EpollEvent* events, int maxevents, int timeout);
 
+    // gettid/getpid: no errno, no pointers, nothing a wrapper would add; the VMM needs them for tgkill.
     [LibraryImport(LibraryName, EntryPoint = "gettid")]
+    [System.Diagnostics.CodeAnalysis.SuppressMessage("Interoperability", "CA1401", Justification = "A trivial call; see above.")]
     public static partial int gettid();
 
     [LibraryImport(LibraryName, EntryPoint = "getpid")]
+    [System.Diagnostics.CodeAnalysis.SuppressMessage("Interoperability", "CA1401", Justification = "A trivial call; see above.")]
     public static partial int getpid();
 
     [LibraryImport(LibraryName, EntryPoint = "tgkill", SetLastError = true)]

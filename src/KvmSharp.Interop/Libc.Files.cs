@@ -26,7 +26,7 @@ public static unsafe partial class Libc
     private static partial byte* strerror(int errnum);
 
     [LibraryImport(LibraryName, EntryPoint = "isatty")]
-    public static partial int isatty(int fd);
+    private static partial int isatty(int fd);
 
     /// <summary>Opens <paramref name="path"/>; close-on-exec is always added.</summary>
     /// <exception cref="NativeException">open(2) failed.</exception>
