@@ -20,7 +20,7 @@ for a in "$@"; do
     *) echo "usage: scripts/test.sh [--unit|--kvm]" >&2; exit 2 ;;
   esac
 done
-UNIT=(KvmSharp.Memory.Tests KvmSharp.Devices.Tests KvmSharp.Boot.Tests KvmSharp.Images.Tests KvmSharp.Cli.Tests KvmSharp.Vmm.Tests)
+UNIT=(KvmSharp.Memory.Tests KvmSharp.Devices.Tests KvmSharp.Boot.Tests KvmSharp.Images.Tests KvmSharp.Cli.Tests KvmSharp.Vmm.Tests KvmSharp.Architecture.Tests)
 KVM=(KvmSharp.Kvm.Tests KvmSharp.IntegrationTests)
 t_start=$(date +%s)
 stamp() { echo "[test.sh] $(( $(date +%s) - t_start )) s: $*" >&2; }

@@ -9,6 +9,7 @@ namespace KvmSharp.Boot;
 internal static class BootFile
 {
     /// <summary>Opens <paramref name="path"/> for reading, unbuffered (reads go straight to the caller's span).</summary>
+    /// <param name="path">The kernel or initrd file.</param>
     /// <param name="what">"kernel" or "initrd", for messages.</param>
     /// <exception cref="BootException">Missing, unreadable, a directory, a pipe or device, or empty.</exception>
     public static FileStream Open(string path, string what)

@@ -76,6 +76,7 @@ public sealed record BootResult(BootEntryMode Mode, ulong EntryPoint, ulong Boot
     public ulong Efer => Mode == BootEntryMode.Long64 ? 0x500UL : 0UL;
 
     /// <summary>RFLAGS for the entry: only the always-one bit 1 (interrupts off).</summary>
+    [System.Diagnostics.CodeAnalysis.SuppressMessage("Performance", "CA1822", Justification = "Part of the entry register set beside Efer; callers read it from the options.")]
     public ulong Rflags => 0x2;
 
     /// <summary>The descriptors written at <see cref="GdtBase"/>, index = selector / 8.</summary>

@@ -23,14 +23,14 @@ public readonly record struct CpuidLeaf(uint Function, uint? Index)
 /// <list type="bullet">
 /// <item><c>none</c> — hide nothing (the default).</item>
 /// <item><c>minimal</c> — hide AVX, AVX2, AVX-512 (all), FMA, F16C, XSAVE/OSXSAVE and leaf 0xD, TSX (HLE, RTM, TSXLDTRK), MPX, PKU, AMX, AVX-VNNI, AVX512-BF16, AMD FMA4/XOP.</item>
-/// <item><c>pvm</c> — <c>minimal</c> plus the instructions a PVM host's instruction emulator fails on (pvm-notes.md): POPCNT, SMAP (clac/stac), RDRAND, RDSEED, RDTSCP, RDPID, AES-NI, PCLMULQDQ, SHA, ADX, BMI1/2, SSSE3, SSE4.1/4.2, GFNI, VAES, VPCLMULQDQ.</item>
+/// <item><c>pvm</c> — <c>minimal</c> plus the instructions a PVM host's instruction emulator fails on (docs/pvm.md): CMPXCHG16B (SLUB), POPCNT, SMAP (clac/stac), RDRAND, RDSEED, RDTSCP, RDPID, AES-NI, PCLMULQDQ, SHA, ADX, BMI1/2, SSSE3, SSE4.1/4.2, GFNI, VAES, VPCLMULQDQ. On a PVM host the VMM always hides these (see <see cref="LinuxKernelArguments()"/>).</item>
 /// <item>a feature name as in Linux's /proc/cpuinfo flags, e.g. <c>avx2</c>, <c>popcnt</c>, <c>smap</c> (see <see cref="KnownFeatures"/>).</item>
 /// <item><c>LEAF[.SUB]:REG:BIT</c> — one bit, e.g. <c>0x7.0:ebx:5</c> (leaf and subleaf hex with 0x, or decimal; REG eax|ebx|ecx|edx; BIT 0–31). Without <c>.SUB</c> every subleaf.</item>
 /// <item><c>LEAF[.SUB]</c> — zero the whole leaf, e.g. <c>0xd</c>.</item>
 /// </list>
 /// Example: <c>--cpu-template minimal,popcnt,0x7.0:ebx:20</c>. Removing <c>xsave</c> also removes
 /// <c>osxsave</c> and leaf 0xD. On a PVM host CPUID changes are not honoured by the hardware;
-/// <see cref="LinuxKernelArguments"/> gives the equivalent <c>noxsave clearcpuid=…</c> parameters.
+/// <see cref="LinuxKernelArguments()"/> gives the equivalent <c>noxsave clearcpuid=…</c> parameters.
 /// </summary>
 public sealed record CpuTemplate(string Name, IReadOnlyList<CpuidBit> RemovedBits, IReadOnlyList<CpuidLeaf> ClearedLeaves)
 {
@@ -52,8 +52,9 @@ public sealed record CpuTemplate(string Name, IReadOnlyList<CpuidBit> RemovedBit
         "fma4", "xop",
     ];
 
+    // cx16: Linux's SLUB uses lock cmpxchg16b, which the PVM emulator does not run (docs/pvm.md).
     private static string[] PvmExtraNames => [
-        "popcnt", "smap", "rdrand", "rdseed", "rdtscp", "rdpid", "aes", "pclmulqdq", "sha_ni", "adx",
+        "cx16", "popcnt", "smap", "rdrand", "rdseed", "rdtscp", "rdpid", "aes", "pclmulqdq", "sha_ni", "adx",
         "bmi1", "bmi2", "ssse3", "sse4_1", "sse4_2", "gfni", "vaes", "vpclmulqdq",
     ];
 
@@ -97,6 +98,18 @@ public sealed record CpuTemplate(string Name, IReadOnlyList<CpuidBit> RemovedBit
         Add(0x80000001, null, Ecx, 6, "sse4a"); Add(0x80000001, null, Ecx, 11, "xop"); Add(0x80000001, null, Ecx, 16, "fma4");
         Add(0x80000001, null, Ecx, 21, "tbm"); Add(0x80000001, null, Edx, 26, "pdpe1gb"); Add(0x80000001, null, Edx, 27, "rdtscp");
         return d;
+    }
+
+    /// <summary>Everything this template or <paramref name="other"/> hides: the union of their bits and
+    /// leaves, named after both (<c>pvm,avx2</c>). <see cref="None"/> on either side gives the other.</summary>
+    public CpuTemplate Union(CpuTemplate other)
+    {
+        ArgumentNullException.ThrowIfNull(other);
+        if (other.RemovedBits.Count == 0 && other.ClearedLeaves.Count == 0)
+            return this;
+        if (RemovedBits.Count == 0 && ClearedLeaves.Count == 0)
+            return other;
+        return new CpuTemplate($"{Name},{other.Name}", [.. RemovedBits.Union(other.RemovedBits)], [.. ClearedLeaves.Union(other.ClearedLeaves)]);
     }
 
     private static CpuTemplate Build(string name, string[] names, CpuidLeaf[] leaves) =>

@@ -147,7 +147,9 @@ public sealed class KernelImage
         return Parse(data, path, maxLoadBytes);
     }
 
-    /// <summary>Parses a kernel held in memory; <paramref name="name"/> is used in messages.</summary>
+    /// <summary>Parses a kernel held in memory.</summary>
+    /// <param name="data">The whole file.</param>
+    /// <param name="name">The file's name, for messages.</param>
     /// <param name="maxLoadBytes">Guest RAM the kernel can occupy; a bzImage payload that would
     /// decompress to more is refused as soon as its size claim or its output passes it.</param>
     /// <exception cref="BootException">Not a valid bzImage or ELF vmlinux.</exception>

@@ -21,8 +21,8 @@ internal static class ConfigFile
     /// <summary>virtio-blk's serial field (VIRTIO_BLK_ID_BYTES, virtio 1.2 §5.2.6, VIRTIO_BLK_T_GET_ID).</summary>
     private const int MaxDriveId = 20;
 
-    private const int MinMemMib = 16;
-    private const int MaxMemMib = 1 << 20; // 1 TiB, as VmConfig.Validate
+    private const int MinMemMib = (int)(VmConfig.MinMemoryBytes >> 20);
+    private const int MaxMemMib = (int)(VmConfig.MaxMemoryBytes >> 20);
 
     /// <exception cref="ArgumentException">The file is absent, unreadable, larger than 1 MiB, not JSON, or not a valid VM description.</exception>
     /// <exception cref="VmConfigException">A kernel, initrd or disk image it names does not exist.</exception>
@@ -333,32 +333,20 @@ internal static class ConfigFile
                 "off" => false,
                 var p => throw Error("kvmsharp.pvm", $"takes \"auto\", \"on\" or \"off\", not \"{p}\""),
             };
-            string template = k.CpuTemplate is null ? "none" : RunCommand.CheckCpuTemplate(k.CpuTemplate, $"{name}: kvmsharp.cpu_template");
-            bool acpi = k.Acpi ?? true;
-            bool rng = m.Entropy is not null;
-            if (!acpi && !mmio && (rng || disks.Count > 0 || nets.Count > 0 || balloon.HasValue || virtioConsole))
-                throw Error("kvmsharp.acpi", "false leaves no PCI bus for the virtio devices; set kvmsharp.transport to \"mmio\"");
-
-            foreach (var (jsonPath, fullPath) in files)
-            {
-                if (!File.Exists(fullPath))
-                    throw new VmConfigException($"{name}: {jsonPath}: {fullPath} does not exist");
-            }
-
-            return new VmConfig
+            var config = new VmConfig
             {
                 KernelPath = kernel,
                 InitrdPath = initrd,
                 CommandLine = boot.BootArgs ?? "console=ttyS0",
                 CpuCount = cpus,
                 MemoryBytes = memoryMib << 20,
-                CpuTemplate = template,
+                CpuTemplate = k.CpuTemplate ?? "none",
                 DecompressInVmm = !(k.KernelDecompress ?? false),
                 PreferPvh = k.Pvh ?? false,
                 PvmCompat = pvm,
                 DebugExit = k.DebugExit ?? false,
-                Acpi = acpi,
-                Rng = rng,
+                Acpi = k.Acpi ?? true,
+                Rng = m.Entropy is not null,
                 Disks = disks,
                 Nets = nets,
                 BalloonMiB = balloon,
@@ -368,7 +356,27 @@ internal static class ConfigFile
                 Prefault = k.Prefault ?? false,
                 HugePages = hugePages,
             };
+            if (config.CheckValues() is { } problem)
+                throw InFile(problem);
+
+            foreach (var (jsonPath, fullPath) in files)
+            {
+                if (!File.Exists(fullPath))
+                    throw new VmConfigException($"{name}: {jsonPath}: {fullPath} does not exist");
+            }
+            return config;
         }
+
+        /// <summary>A <see cref="VmConfig"/> problem in the file's terms: the JSON path that sets it.</summary>
+        private ArgumentException InFile(VmConfigProblem p) => p.Setting switch
+        {
+            nameof(VmConfig.CpuCount) => Error("machine-config.vcpu_count", p.Problem),
+            nameof(VmConfig.MemoryBytes) => Error("machine-config.mem_size_mib", p.Problem),
+            nameof(VmConfig.BalloonMiB) => Error("balloon.amount_mib", p.Problem),
+            nameof(VmConfig.CpuTemplate) => Error("kvmsharp.cpu_template", p.Problem),
+            nameof(VmConfig.Acpi) => Error("kvmsharp.acpi", "false leaves no PCI bus for the virtio devices; set kvmsharp.transport to \"mmio\""),
+            _ => new ArgumentException($"{name}: {p}"),
+        };
 
         /// <summary>Resolves <paramref name="value"/> against the file's directory (an absolute path
         /// stays as it is) and adds it to the files to check.</summary>

@@ -1,7 +1,4 @@
 using System.Reflection;
-using KvmSharp.Boot;
-using KvmSharp.Interop;
-using KvmSharp.Vmm;
 
 namespace KvmSharp.Cli;
 
@@ -12,6 +9,9 @@ internal static class Program
 
     private static int Main(string[] args)
     {
+        // `kvmsharp help COMMAND` is `kvmsharp COMMAND --help`, as with git and cargo.
+        if (args is ["help", var command, ..])
+            args = [command, "--help"];
         if (args.Length == 0 || args[0] is "-h" or "--help" or "help")
         {
             System.Console.Out.Write(Usage);
@@ -39,6 +39,7 @@ internal static class Program
         return code;
     }
 
+    /// <summary><c>kvmsharp --help</c>: every command, and <c>run</c>'s options (the command most people want).</summary>
     internal const string Usage = """
         kvmsharp — a KVM virtual machine monitor for Linux guests
 
@@ -47,14 +48,29 @@ internal static class Program
           kvmsharp run --config FILE             the same from a JSON file (Firecracker's config shape)
           kvmsharp img COMMAND [args]            create, inspect, check and convert disk images (qemu-img syntax)
           kvmsharp --version | --help
+          kvmsharp COMMAND --help                one command's usage (also: kvmsharp help COMMAND)
 
+
+        """ + RunOptions;
+
+    /// <summary><c>kvmsharp run --help</c>.</summary>
+    internal const string RunUsage = """
+        Usage:
+          kvmsharp run --kernel FILE [options]   boot a Linux kernel, serial console on this terminal
+          kvmsharp run --config FILE             the same from a JSON file (Firecracker's config shape)
+
+
+        """ + RunOptions;
+
+    private const string RunOptions = """
         run options:
           --kernel FILE          bzImage or ELF vmlinux (required)
           --initrd FILE          initial ramdisk
           --cmdline "TEXT"       kernel command line (default: "console=ttyS0")
           --cpus N               vCPUs, 1-64 (default 1)
           --memory SIZE          guest RAM, e.g. 512M, 5G (default 256M)
-          --cpu-template NAME    hide CPU features: none (default), minimal
+          --cpu-template LIST    hide CPU features: none (default), minimal, pvm, feature names
+                                 (avx2, popcnt …), LEAF[.SUB]:REG:BIT; comma-separated
           --kernel-decompress    let a bzImage decompress itself instead of the VMM doing it
           --pvh                  enter through the PVH entry point when the kernel has one
           --pvm auto|on|off      PVM-host compatibility (default auto: on when /dev/kvm is kvm_pvm)

@@ -1,6 +1,4 @@
 using System.Globalization;
-using KvmSharp.Boot;
-using KvmSharp.Interop;
 using KvmSharp.Vmm;
 
 namespace KvmSharp.Cli;
@@ -10,13 +8,18 @@ internal static class RunCommand
 {
     public static int Run(string[] args)
     {
+        // Anywhere on the line, as most tools do: `kvmsharp run --kernel x --help` shows the usage.
+        if (Array.Exists(args, a => a is "-h" or "--help"))
+        {
+            System.Console.Out.Write(Program.RunUsage);
+            return 0;
+        }
         VmConfig config;
         try
         {
+            // Both check the values against each other (VmConfig.CheckValues) before any file is read:
+            // a usage error, in the flags' or the file's terms.
             config = args.Contains("--config") ? LoadConfigFile(args) : Parse(args);
-            // Numbers against each other (balloon against memory …): a usage error, found before any file is read.
-            if (config.CheckValues() is { } problem)
-                throw new ArgumentException(problem);
         }
         catch (ArgumentException e)
         {
@@ -100,7 +103,7 @@ internal static class RunCommand
                         throw new ArgumentException($"--cpus must be a number from 1 to {VmConfig.MaxVcpus}, not '{c}'");
                     break;
                 case "--memory": memory = ParseSize(Value(), "--memory"); break;
-                case "--cpu-template": template = CheckCpuTemplate(Value(), "--cpu-template"); break;
+                case "--cpu-template": template = Value(); break;
                 case "--kernel-decompress": kernelDecompress = true; break;
                 case "--pvh": pvh = true; break;
                 case "--pvm":
@@ -140,7 +143,7 @@ internal static class RunCommand
         }
         if (kernel is null)
             throw new ArgumentException("run needs --kernel FILE");
-        return new VmConfig
+        var config = new VmConfig
         {
             KernelPath = kernel,
             InitrdPath = initrd,
@@ -163,22 +166,21 @@ internal static class RunCommand
             HugePages = huge,
             Prefault = prefault,
         };
+        if (config.CheckValues() is { } problem)
+            throw new ArgumentException(InFlags(problem));
+        return config;
     }
 
-    /// <summary>Checks a CPU template here, so a bad one is a usage error (2) with one line rather than
-    /// a failure inside <see cref="Vm.Create"/>.</summary>
-    internal static string CheckCpuTemplate(string text, string what)
+    /// <summary>A <see cref="VmConfig"/> problem in this command line's terms: the flag that sets it.</summary>
+    internal static string InFlags(VmConfigProblem p) => p.Setting switch
     {
-        try
-        {
-            CpuTemplate.Parse(text);
-            return text;
-        }
-        catch (FormatException e)
-        {
-            throw new ArgumentException($"{what}: {e.Message}", e);
-        }
-    }
+        nameof(VmConfig.CpuCount) => $"--cpus: {p.Problem}",
+        nameof(VmConfig.MemoryBytes) => $"--memory: {p.Problem}",
+        nameof(VmConfig.BalloonMiB) => $"--balloon: {p.Problem}",
+        nameof(VmConfig.CpuTemplate) => $"--cpu-template: {p.Problem}",
+        nameof(VmConfig.Acpi) => "--no-acpi leaves no PCI bus for the virtio devices: drop it, or add --transport mmio",
+        _ => p.ToString(),
+    };
 
     /// <summary><c>pci</c> or <c>mmio</c>: true when the virtio devices go on virtio-mmio.</summary>
     internal static bool ParseTransport(string value, string what) => value switch

@@ -26,7 +26,7 @@ public static unsafe partial class Libc
     private static partial byte* strerror(int errnum);
 
     [LibraryImport(LibraryName, EntryPoint = "isatty")]
-    public static partial int isatty(int fd);
+    private static partial int isatty(int fd);
 
     /// <summary>Opens <paramref name="path"/>; close-on-exec is always added.</summary>
     /// <exception cref="NativeException">open(2) failed.</exception>
@@ -40,6 +40,8 @@ public static unsafe partial class Libc
 
     public static string StrError(int errno)
     {
+        // SAFETY: strerror returns a NUL-terminated string (or null) that stays valid until the next
+        // strerror call on this thread; it is copied at once.
         byte* s = strerror(errno);
         return s == null ? $"errno {errno}" : Marshal.PtrToStringUTF8((nint)s) ?? $"errno {errno}";
     }
@@ -47,6 +49,7 @@ public static unsafe partial class Libc
     /// <summary>Reads into <paramref name="buffer"/>, retrying on EINTR. Returns bytes read, or -errno.</summary>
     public static int Read(int fd, Span<byte> buffer)
     {
+        // SAFETY: p pins buffer; read(2) writes at most buffer.Length bytes into it.
         fixed (byte* p = buffer)
         {
             while (true)
@@ -64,6 +67,7 @@ public static unsafe partial class Libc
     /// <summary>Writes all of <paramref name="buffer"/>, retrying on EINTR and short writes. Returns 0 or -errno.</summary>
     public static int WriteAll(int fd, ReadOnlySpan<byte> buffer)
     {
+        // SAFETY: p pins buffer; each write(2) reads [p + done, p + buffer.Length), done < buffer.Length.
         fixed (byte* p = buffer)
         {
             int done = 0;

@@ -90,6 +90,8 @@ public static unsafe class Tap
             int length = Encoding.UTF8.GetByteCount(name);
             if (length >= InterfaceNameSize)
                 throw new ArgumentException($"Interface name '{name}' is longer than {InterfaceNameSize - 1} bytes.", nameof(name));
+            // SAFETY: ifr_name is a fixed buffer of InterfaceNameSize bytes inside the local request, and
+            // the name is shorter (checked above), so the zeroed last byte stays its NUL.
             Encoding.UTF8.GetBytes(name, new Span<byte>(request.ifr_name, InterfaceNameSize));
         }
         request.ifr_flags = (short)(IFF_TAP | IFF_NO_PI | (vnetHeader ? IFF_VNET_HDR : 0));
@@ -97,12 +99,15 @@ public static unsafe class Tap
         FileDescriptor fd = Libc.Open("/dev/net/tun", Libc.O_RDWR | Libc.O_NONBLOCK);
         try
         {
+            // SAFETY: &request is a local struct ifreq (40 bytes, the kernel's sizeof; TUNSETIFF's number
+            // says 4, see above); the kernel writes the interface name back into it during the call only.
             if (Libc.ioctl(fd.Fd, TUNSETIFF, &request) < 0)
                 Libc.ThrowNative($"TUNSETIFF({(string.IsNullOrEmpty(name) ? "tap%d" : name)})", Libc.LastErrno);
             string actual = NameOf(request.ifr_name);
             if (vnetHeader)
             {
                 int size = VnetHeaderSize;
+                // SAFETY: &size is an int local, the argument TUNSETVNETHDRSZ reads.
                 if (Libc.ioctl(fd.Fd, TUNSETVNETHDRSZ, &size) < 0)
                     Libc.ThrowNative($"TUNSETVNETHDRSZ({actual})", Libc.LastErrno);
                 SetOffloads(fd, TapOffloads.None, actual);
@@ -145,6 +150,7 @@ public static unsafe class Tap
     public static int Write(FileDescriptor fd, ReadOnlySpan<byte> frame)
     {
         ArgumentNullException.ThrowIfNull(fd);
+        // SAFETY: p pins frame; write(2) reads frame.Length bytes from it.
         fixed (byte* p = frame)
         {
             while (true)
@@ -161,6 +167,7 @@ public static unsafe class Tap
 
     private static string NameOf(byte* name)
     {
+        // SAFETY: callers pass an ifr_name, a fixed buffer of InterfaceNameSize bytes.
         var bytes = new ReadOnlySpan<byte>(name, InterfaceNameSize);
         int end = bytes.IndexOf((byte)0);
         return Encoding.UTF8.GetString(end < 0 ? bytes : bytes[..end]);

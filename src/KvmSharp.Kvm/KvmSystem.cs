@@ -79,6 +79,8 @@ public sealed unsafe class KvmSystem : IDisposable
     {
         const int Max = 256;
         int size = 8 + Max * sizeof(kvm_cpuid_entry2);
+        // SAFETY: buf has room for the header and Max entries and nent says Max, so KVM writes at most
+        // Max entries (E2BIG otherwise) and sets nent to the count it wrote, which bounds the copy below.
         byte* buf = stackalloc byte[size];
         new Span<byte>(buf, size).Clear();
         *(uint*)buf = Max;

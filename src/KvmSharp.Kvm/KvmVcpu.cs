@@ -28,6 +28,7 @@ public sealed unsafe class KvmVcpu : IDisposable
     public int Id { get; }
 
     /// <summary>The shared kvm_run page. Valid until Dispose; read it on the vCPU thread only.</summary>
+    // SAFETY: _run maps KVM_GET_VCPU_MMAP_SIZE bytes (>= sizeof(kvm_run), layout tests) until Dispose.
     public ref kvm_run RunData => ref *_run;
 
     /// <summary>Base of the kvm_run mapping (PIO data lives at <c>io_data_offset</c> inside it).</summary>
@@ -45,6 +46,7 @@ public sealed unsafe class KvmVcpu : IDisposable
 
     public void GetRegisters(out kvm_regs regs)
     {
+        // SAFETY: p pins regs, a kvm_regs of the size the request number encodes (layout tests), for this call only.
         fixed (kvm_regs* p = &regs)
         {
             if (Libc.ioctl(_rawFd, KVM_GET_REGS, p) < 0)
@@ -54,6 +56,7 @@ public sealed unsafe class KvmVcpu : IDisposable
 
     public void SetRegisters(in kvm_regs regs)
     {
+        // SAFETY: p pins regs, a kvm_regs of the size the request number encodes (layout tests), for this call only.
         fixed (kvm_regs* p = &regs)
         {
             if (Libc.ioctl(_rawFd, KVM_SET_REGS, p) < 0)
@@ -63,6 +66,7 @@ public sealed unsafe class KvmVcpu : IDisposable
 
     public void GetSpecialRegisters(out kvm_sregs sregs)
     {
+        // SAFETY: p pins sregs, a kvm_sregs of the size the request number encodes (layout tests), for this call only.
         fixed (kvm_sregs* p = &sregs)
         {
             if (Libc.ioctl(_rawFd, KVM_GET_SREGS, p) < 0)
@@ -72,6 +76,7 @@ public sealed unsafe class KvmVcpu : IDisposable
 
     public void SetSpecialRegisters(in kvm_sregs sregs)
     {
+        // SAFETY: p pins sregs, a kvm_sregs of the size the request number encodes (layout tests), for this call only.
         fixed (kvm_sregs* p = &sregs)
         {
             if (Libc.ioctl(_rawFd, KVM_SET_SREGS, p) < 0)
@@ -84,6 +89,7 @@ public sealed unsafe class KvmVcpu : IDisposable
     {
         int size = 8 + entries.Length * sizeof(kvm_cpuid_entry2);
         byte[] buf = new byte[size];
+        // SAFETY: buf is the 8-byte header plus exactly the entries the header's count announces; KVM reads no further.
         fixed (byte* p = buf)
         {
             *(uint*)p = (uint)entries.Length;
@@ -97,6 +103,7 @@ public sealed unsafe class KvmVcpu : IDisposable
     public int SetMsrs(ReadOnlySpan<kvm_msr_entry> entries)
     {
         int size = 8 + entries.Length * sizeof(kvm_msr_entry);
+        // SAFETY: p is the 8-byte header plus exactly the entries the header's count announces; KVM reads (and for GET fills) no further.
         byte* p = stackalloc byte[size];
         *(uint*)p = (uint)entries.Length;
         *(uint*)(p + 4) = 0;
@@ -111,6 +118,7 @@ public sealed unsafe class KvmVcpu : IDisposable
     public int GetMsrs(Span<kvm_msr_entry> entries)
     {
         int size = 8 + entries.Length * sizeof(kvm_msr_entry);
+        // SAFETY: p is the 8-byte header plus exactly the entries the header's count announces; KVM reads (and for GET fills) no further.
         byte* p = stackalloc byte[size];
         *(uint*)p = (uint)entries.Length;
         *(uint*)(p + 4) = 0;
@@ -124,6 +132,7 @@ public sealed unsafe class KvmVcpu : IDisposable
 
     public void GetLapic(out kvm_lapic_state state)
     {
+        // SAFETY: p pins state, a kvm_lapic_state of the size the request number encodes (layout tests), for this call only.
         fixed (kvm_lapic_state* p = &state)
         {
             if (Libc.ioctl(_rawFd, KVM_GET_LAPIC, p) < 0)
@@ -133,6 +142,7 @@ public sealed unsafe class KvmVcpu : IDisposable
 
     public void SetLapic(in kvm_lapic_state state)
     {
+        // SAFETY: p pins state, a kvm_lapic_state of the size the request number encodes (layout tests), for this call only.
         fixed (kvm_lapic_state* p = &state)
         {
             if (Libc.ioctl(_rawFd, KVM_SET_LAPIC, p) < 0)
@@ -142,6 +152,7 @@ public sealed unsafe class KvmVcpu : IDisposable
 
     public void GetVcpuEvents(out kvm_vcpu_events events)
     {
+        // SAFETY: p pins events, a kvm_vcpu_events of the size the request number encodes (layout tests), for this call only.
         fixed (kvm_vcpu_events* p = &events)
         {
             if (Libc.ioctl(_rawFd, KVM_GET_VCPU_EVENTS, p) < 0)
@@ -151,6 +162,7 @@ public sealed unsafe class KvmVcpu : IDisposable
 
     public void SetVcpuEvents(in kvm_vcpu_events events)
     {
+        // SAFETY: p pins events, a kvm_vcpu_events of the size the request number encodes (layout tests), for this call only.
         fixed (kvm_vcpu_events* p = &events)
         {
             if (Libc.ioctl(_rawFd, KVM_SET_VCPU_EVENTS, p) < 0)
@@ -160,6 +172,7 @@ public sealed unsafe class KvmVcpu : IDisposable
 
     public void SetGuestDebug(in kvm_guest_debug debug)
     {
+        // SAFETY: p pins debug, a kvm_guest_debug of the size the request number encodes (layout tests), for this call only.
         fixed (kvm_guest_debug* p = &debug)
         {
             if (Libc.ioctl(_rawFd, KVM_SET_GUEST_DEBUG, p) < 0)
@@ -170,6 +183,7 @@ public sealed unsafe class KvmVcpu : IDisposable
     public uint GetMpState()
     {
         kvm_mp_state s;
+        // SAFETY: &s is a local of the size KVM_GET_MP_STATE encodes (layout tests); KVM uses it during the call only.
         if (Libc.ioctl(_rawFd, KVM_GET_MP_STATE, &s) < 0)
             KvmException.Throw("KVM_GET_MP_STATE");
         return s.mp_state;
@@ -180,6 +194,7 @@ public sealed unsafe class KvmVcpu : IDisposable
         if (_disposed)
             return;
         _disposed = true;
+        // SAFETY: once only (_disposed); the owner has stopped the vCPU thread, the only reader of RunData.
         Libc.munmap(_run, (nuint)_runSize);
         _fd.DangerousRelease();
         _fd.Dispose();

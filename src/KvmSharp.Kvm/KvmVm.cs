@@ -30,6 +30,8 @@ public sealed unsafe class KvmVm : IDisposable
             memory_size = size,
             userspace_addr = (ulong)hostAddress,
         };
+        // SAFETY: &region is a local of the size KVM_SET_USER_MEMORY_REGION encodes (layout tests); KVM uses it
+        // during the call only. The guest memory behind hostAddress is the caller's to keep mapped (see above).
         if (Libc.ioctl(Fd, KVM_SET_USER_MEMORY_REGION, &region) < 0)
             KvmException.Throw("KVM_SET_USER_MEMORY_REGION");
     }
@@ -44,6 +46,7 @@ public sealed unsafe class KvmVm : IDisposable
     /// <summary>KVM_SET_IDENTITY_MAP_ADDR: one page Intel VMX needs for real-mode emulation.</summary>
     public void SetIdentityMapAddress(ulong address)
     {
+        // SAFETY: &address is a local of the size KVM_SET_IDENTITY_MAP_ADDR encodes (layout tests); KVM uses it during the call only.
         if (Libc.ioctl(Fd, KVM_SET_IDENTITY_MAP_ADDR, &address) < 0)
             KvmException.Throw("KVM_SET_IDENTITY_MAP_ADDR");
     }
@@ -59,6 +62,7 @@ public sealed unsafe class KvmVm : IDisposable
     public void CreatePit2()
     {
         var config = new kvm_pit_config { flags = KvmConstants.KVM_PIT_SPEAKER_DUMMY };
+        // SAFETY: &config is a local of the size KVM_CREATE_PIT2 encodes (layout tests); KVM uses it during the call only.
         if (Libc.ioctl(Fd, KVM_CREATE_PIT2, &config) < 0)
             KvmException.Throw("KVM_CREATE_PIT2");
     }
@@ -67,6 +71,7 @@ public sealed unsafe class KvmVm : IDisposable
     public void SetIrqLine(uint gsi, bool level)
     {
         var l = new kvm_irq_level { irq = gsi, level = level ? 1u : 0u };
+        // SAFETY: &l is a local of the size KVM_IRQ_LINE encodes (layout tests); KVM uses it during the call only.
         if (Libc.ioctl(Fd, KVM_IRQ_LINE, &l) < 0)
             KvmException.Throw("KVM_IRQ_LINE");
     }
@@ -75,6 +80,7 @@ public sealed unsafe class KvmVm : IDisposable
     public void RegisterIrqfd(int eventFd, uint gsi)
     {
         var irqfd = new kvm_irqfd { fd = (uint)eventFd, gsi = gsi };
+        // SAFETY: &irqfd is a local of the size KVM_IRQFD encodes (layout tests); KVM uses it during the call only.
         if (Libc.ioctl(Fd, KVM_IRQFD, &irqfd) < 0)
             KvmException.Throw("KVM_IRQFD");
     }
@@ -83,6 +89,7 @@ public sealed unsafe class KvmVm : IDisposable
     public void UnregisterIrqfd(int eventFd, uint gsi)
     {
         var irqfd = new kvm_irqfd { fd = (uint)eventFd, gsi = gsi, flags = KvmConstants.KVM_IRQFD_FLAG_DEASSIGN };
+        // SAFETY: &irqfd is a local of the size KVM_IRQFD encodes (layout tests); KVM uses it during the call only.
         if (Libc.ioctl(Fd, KVM_IRQFD, &irqfd) < 0)
             KvmException.Throw("KVM_IRQFD(deassign)");
     }
@@ -103,6 +110,7 @@ public sealed unsafe class KvmVm : IDisposable
                     | (dataMatch.HasValue ? KvmConstants.KVM_IOEVENTFD_FLAG_DATAMATCH : 0)
                     | (deassign ? KvmConstants.KVM_IOEVENTFD_FLAG_DEASSIGN : 0),
         };
+        // SAFETY: &e is a local of the size KVM_IOEVENTFD encodes (layout tests); KVM uses it during the call only.
         if (Libc.ioctl(Fd, KVM_IOEVENTFD, &e) < 0)
             KvmException.Throw("KVM_IOEVENTFD");
     }
@@ -114,6 +122,7 @@ public sealed unsafe class KvmVm : IDisposable
     public bool SignalMsi(ulong address, uint data)
     {
         var msi = new kvm_msi { address_lo = (uint)address, address_hi = (uint)(address >> 32), data = data };
+        // SAFETY: &msi is a local of the size KVM_SIGNAL_MSI encodes (layout tests); KVM uses it during the call only.
         return Libc.ioctl(Fd, KVM_SIGNAL_MSI, &msi) > 0;
     }
 
@@ -122,6 +131,7 @@ public sealed unsafe class KvmVm : IDisposable
     {
         int size = 8 + entries.Length * sizeof(kvm_irq_routing_entry);
         byte[] buf = new byte[size];
+        // SAFETY: buf is the 8-byte header plus exactly the entries the header's count announces; KVM reads no further.
         fixed (byte* p = buf)
         {
             *(uint*)p = (uint)entries.Length;
@@ -139,6 +149,8 @@ public sealed unsafe class KvmVm : IDisposable
         if (fd < 0)
             KvmException.Throw("KVM_CREATE_VCPU");
         var handle = new FileDescriptor(fd);
+        // SAFETY: a new shared mapping of the vCPU fd, of the size KVM_GET_VCPU_MMAP_SIZE reported;
+        // KvmVcpu owns it and unmaps it once.
         void* run = Libc.mmap(null, (nuint)_vcpuMmapSize, Libc.PROT_READ | Libc.PROT_WRITE, Libc.MAP_SHARED, fd, 0);
         if ((nint)run == Libc.MAP_FAILED)
         {

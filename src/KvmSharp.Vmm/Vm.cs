@@ -252,7 +252,7 @@ public sealed class Vm : IDisposable
         AddVirtioDevices(disks);
 
         string commandLine = Config.CommandLine + _mmioCommandLine;
-        EffectiveCommandLine = IsPvm ? PvmCompat.AdjustCommandLine(commandLine) : commandLine;
+        EffectiveCommandLine = IsPvm ? PvmCompat.AdjustCommandLine(commandLine, template, _diagnostics) : commandLine;
         Boot = LinuxLoader.Load(Memory, kernel, new BootOptions
         {
             CommandLine = EffectiveCommandLine,

@@ -11,7 +11,9 @@ public sealed record VmConfig
     public int CpuCount { get; init; } = 1;
     public ulong MemoryBytes { get; init; } = 256UL << 20;
 
-    /// <summary>Named CPU template (see KvmSharp.Boot.CpuTemplate).</summary>
+    /// <summary>CPU features hidden from the guest, as text (<see cref="Boot.CpuTemplate.Parse"/>; checked by
+    /// <see cref="CheckValues"/>). On a PVM host they are hidden with kernel parameters instead, together
+    /// with the PVM template (docs/pvm.md).</summary>
     public string CpuTemplate { get; init; } = "none";
 
     /// <summary>Decompress a bzImage's payload in the VMM instead of running the kernel's own decompressor.</summary>
@@ -55,28 +57,43 @@ public sealed record VmConfig
     public bool Prefault { get; init; }
 
     /// <summary>
-    /// The first number that is out of range or inconsistent with another (vCPUs, memory, balloon
-    /// against memory), as one sentence naming the option; null when they are all usable. Arithmetic
-    /// only, no files and no KVM, and overflow-safe for any value, so a front end can report it as a
-    /// usage error before anything is opened.
+    /// The first setting that is out of range or inconsistent with another (vCPUs, memory, balloon
+    /// against memory, the CPU template, virtio devices without PCI), or null when all are usable.
+    /// Arithmetic and parsing only, no files and no KVM, and overflow-safe for any value, so a front end
+    /// can report it as a usage error before anything is opened, in its own terms (see
+    /// <see cref="VmConfigProblem"/>: the problem names the property, not a flag or a JSON key).
     /// </summary>
-    public string? CheckValues()
+    public VmConfigProblem? CheckValues()
     {
         if (CpuCount < 1 || CpuCount > MaxVcpus)
-            return $"--cpus must be between 1 and {MaxVcpus}, not {CpuCount}.";
-        if (MemoryBytes < (16UL << 20) || MemoryBytes > (1UL << 40) || MemoryBytes % 4096 != 0)
-            return $"--memory must be a multiple of 4 KiB between 16 MiB and 1 TiB, not {MemoryBytes} bytes.";
+            return new(nameof(CpuCount), $"must be from 1 to {MaxVcpus}, not {CpuCount}");
+        if (MemoryBytes < MinMemoryBytes || MemoryBytes > MaxMemoryBytes || MemoryBytes % 4096 != 0)
+            return new(nameof(MemoryBytes), $"must be a multiple of 4 KiB between 16 MiB and 1 TiB, not {MemoryBytes} bytes");
         // b MiB >= memory, without computing b << 20 (which wraps for b >= 2^44 and let 16 TiB through).
         if (BalloonMiB is { } b && b > (MemoryBytes - 1) >> 20)
-            return $"--balloon {b} MiB would take all of the guest's {MemoryBytes >> 20} MiB.";
+            return new(nameof(BalloonMiB), $"{b} MiB would take all of the guest's {MemoryBytes >> 20} MiB");
+        try
+        {
+            Boot.CpuTemplate.Parse(CpuTemplate);
+        }
+        catch (FormatException e)
+        {
+            return new(nameof(CpuTemplate), e.Message);
+        }
+        if (!Acpi && !VirtioMmio && (Rng || Nets.Count > 0 || Disks.Count > 0 || BalloonMiB.HasValue || VirtioConsole))
+            return new(nameof(Acpi), "off leaves no PCI bus for the virtio devices: turn ACPI on, or put the devices on virtio-mmio");
         return null;
     }
 
+    /// <summary>16 MiB: below this a Linux guest does not boot; 1 TiB: above it, the memory map's arithmetic is untested.</summary>
+    public const ulong MinMemoryBytes = 16UL << 20, MaxMemoryBytes = 1UL << 40;
+
     /// <summary>Throws <see cref="VmConfigException"/> with one clear sentence when the config cannot work.</summary>
+    /// <exception cref="VmConfigException">A value is unusable (<see cref="CheckValues"/>), or a kernel, initrd or disk image does not exist.</exception>
     public void Validate()
     {
         if (CheckValues() is { } problem)
-            throw new VmConfigException(problem);
+            throw new VmConfigException($"{problem}.");
         if (!File.Exists(KernelPath))
             throw new VmConfigException($"Kernel file {KernelPath} does not exist.");
         if (InitrdPath is not null && !File.Exists(InitrdPath))
@@ -86,8 +103,6 @@ public sealed record VmConfig
             if (!File.Exists(d.Path))
                 throw new VmConfigException($"Disk image {d.Path} does not exist.");
         }
-        if (!Acpi && !VirtioMmio && (Rng || Nets.Count > 0 || Disks.Count > 0 || BalloonMiB.HasValue || VirtioConsole))
-            throw new VmConfigException("Virtio-pci devices need PCI, which comes with ACPI: drop --no-acpi or use --transport mmio.");
     }
 }
 

@@ -197,6 +197,27 @@ public class CpuTemplateTests
     }
 
     [Fact]
+    public void Union_hides_what_either_hides()
+    {
+        Assert.Same(CpuTemplate.Pvm, CpuTemplate.Pvm.Union(CpuTemplate.None));
+        Assert.Same(CpuTemplate.Minimal, CpuTemplate.None.Union(CpuTemplate.Minimal));
+        var u = CpuTemplate.Minimal.Union(CpuTemplate.Parse("popcnt,0x6"));
+        Assert.Equal("minimal,popcnt,0x6", u.Name);
+        Assert.Superset(CpuTemplate.Minimal.RemovedBits.ToHashSet(), u.RemovedBits.ToHashSet());
+        Assert.Contains(u.RemovedBits, b => b.Name == "popcnt");
+        Assert.Equal([new CpuidLeaf(0xD, null), new CpuidLeaf(6, null)], u.ClearedLeaves);
+        Assert.Equal(CpuTemplate.Pvm.RemovedBits.Count, CpuTemplate.Pvm.Union(CpuTemplate.Minimal).RemovedBits.Count);
+    }
+
+    [Fact]
+    public void Pvm_template_hides_cx16()
+    {
+        // SLUB's lock cmpxchg16b is not emulated by a PVM host (docs/pvm.md).
+        Assert.Contains(CpuTemplate.Pvm.RemovedBits, b => b.Name == "cx16");
+        Assert.Contains("141", CpuTemplate.Pvm.LinuxKernelArguments().Split('=')[1].Split(','));
+    }
+
+    [Fact]
     public void Explicit_items_parse()
     {
         var t = CpuTemplate.Parse("minimal,avx2,0x7.0:ebx:20,1:ecx:23,0xd.1,-sha-ni");

@@ -21,6 +21,22 @@ public class CliTests
     }
 
     [Theory]
+    [InlineData("run", "--help")]
+    [InlineData("run", "-h")]
+    [InlineData("run", "--kernel", "/nonexistent", "--cpus", "99", "--help")] // anywhere, before any check
+    [InlineData("help", "run")]
+    public void RunHelp(params string[] args)
+    {
+        Assets.RequireBinary();
+        var (code, stdout, stderr) = KvmSharpProcess.RunToEnd(Quick, args);
+        Assert.Equal(0, code);
+        Assert.Equal("", stderr);
+        Assert.StartsWith("Usage:\n  kvmsharp run --kernel FILE", stdout);
+        Assert.Contains("--cpu-template", stdout);
+        Assert.Contains("Exit codes:", stdout);
+    }
+
+    [Theory]
     [InlineData(new[] { "run" }, 2, "needs --kernel")]
     [InlineData(new[] { "run", "--kernel", "/nonexistent/vmlinuz" }, 1, "does not exist")]
     [InlineData(new[] { "run", "--kernel", "/etc/passwd" }, 1, "/etc/passwd")]

@@ -159,9 +159,10 @@ public sealed class ConfigFileTests : IDisposable
         string elf = TinyElf.Write(TinyElf.DebugExitCode(0x21));
         try
         {
-            // Without ACPI there is no PCI: a virtio device is only accepted on virtio-mmio.
+            // Without ACPI there is no PCI: a virtio device is only accepted on virtio-mmio (a usage
+            // error, as the same inconsistency in a config file is).
             string[] args = ["run", "--kernel", elf, "--memory", "64M", "--debug-exit", "--no-acpi", "--rng"];
-            AssertOneLineError(1, "--transport mmio", args);
+            AssertOneLineError(2, "--transport mmio", args);
             var (code, _, stderr) = KvmSharpProcess.RunToEnd(Quick, [.. args, "--transport", "mmio"]);
             Assert.True((0x21 << 1 | 1) == code, $"exit code {code}: {stderr}");
         }

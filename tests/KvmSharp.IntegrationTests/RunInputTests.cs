@@ -41,14 +41,14 @@ public sealed class RunInputTests : IDisposable
     // Class: numbers that overflow or contradict each other are usage errors (exit 2), before any file is read.
     public static TheoryData<string[], string> BadNumbers => new()
     {
-        { ["--balloon", "17592186044416"], "--balloon 17592186044416 MiB would take all of the guest's 256 MiB" }, // 2^44 MiB: * 2^20 wrapped to 0
+        { ["--balloon", "17592186044416"], "--balloon: 17592186044416 MiB would take all of the guest's 256 MiB" }, // 2^44 MiB: * 2^20 wrapped to 0
         { ["--balloon", "18446744073709551615"], "--balloon" },
         { ["--balloon", "18446744073709551616"], "--balloon takes MiB as a number" },
-        { ["--memory", "64M", "--balloon", "64"], "--balloon 64 MiB would take all of the guest's 64 MiB" },
-        { ["--balloon", "100", "--memory", "100M"], "--balloon 100 MiB" }, // order does not matter
-        { ["--memory", "4095K"], "--memory must be a multiple of 4 KiB" },
-        { ["--memory", "15M"], "--memory must be a multiple of 4 KiB between 16 MiB and 1 TiB" },
-        { ["--memory", "2T"], "--memory must be a multiple of 4 KiB between 16 MiB and 1 TiB" },
+        { ["--memory", "64M", "--balloon", "64"], "--balloon: 64 MiB would take all of the guest's 64 MiB" },
+        { ["--balloon", "100", "--memory", "100M"], "--balloon: 100 MiB" }, // order does not matter
+        { ["--memory", "4095K"], "--memory: must be a multiple of 4 KiB" },
+        { ["--memory", "15M"], "--memory: must be a multiple of 4 KiB between 16 MiB and 1 TiB" },
+        { ["--memory", "2T"], "--memory: must be a multiple of 4 KiB between 16 MiB and 1 TiB" },
         { ["--memory", "16777216T"], "--memory: '16777216T' is too large" },
         { ["--memory", "0"], "--memory: '0' is not a size" },
         { ["--cpus", "4294967297"], "--cpus must be a number from 1 to 64" },

@@ -52,6 +52,36 @@ public sealed class GuestMemoryTests : IDisposable
     }
 
     [Fact]
+    public void ZeroAndEmptyRangesFollowTheSameWalk()
+    {
+        using var mem = GuestMemory.CreateForTesting([(new GuestAddress(0), 0x1000), (new GuestAddress(0x1000), 0x1000)]);
+        mem.Write(new GuestAddress(0xFF0), Enumerable.Repeat((byte)7, 32).ToArray());
+        Assert.True(mem.TryZero(new GuestAddress(0xFF8), 16)); // across the two regions
+        Assert.Equal(new byte[] { 7, 0, 0, 7 }, new byte[] { mem.Read<byte>(new(0xFF7)), mem.Read<byte>(new(0xFF8)), mem.Read<byte>(new(0x1007)), mem.Read<byte>(new(0x1008)) });
+        Assert.False(mem.TryZero(new GuestAddress(0x1FF8), 16)); // past the end: nothing written
+        Assert.True(mem.IsValidRange(new GuestAddress(0x5000), 0)); // an empty range is valid anywhere
+        Assert.True(mem.TryGetSpan(new GuestAddress(0x10), 0, out _));
+        Assert.False(mem.TryGetSpan(new GuestAddress(0x5000), 0, out _)); // but a span needs RAM under it
+    }
+
+    [Fact]
+    public void AccessorsAllocateNothing()
+    {
+        Span<byte> buffer = stackalloc byte[64];
+        _mem.TryWrite(new GuestAddress(0xFFC0), buffer); // warm up
+        long before = GC.GetAllocatedBytesForCurrentThread();
+        for (int i = 0; i < 1000; i++)
+        {
+            _mem.TryWrite(new GuestAddress(0xFFC0), buffer);
+            _mem.TryRead(new GuestAddress(0xFFC0), buffer);
+            _mem.TryZero(new GuestAddress(0x20000), 64);
+            _mem.IsValidRange(new GuestAddress(0xFFF0), 64);
+            _mem.TryRead(new GuestAddress(0x100), out ulong _);
+        }
+        Assert.Equal(before, GC.GetAllocatedBytesForCurrentThread());
+    }
+
+    [Fact]
     public void SpanAndAlignedPointerChecks()
     {
         Assert.False(_mem.TryGetSpan(new GuestAddress(0x100), -1, out _));

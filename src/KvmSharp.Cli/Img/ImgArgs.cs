@@ -10,7 +10,9 @@ internal sealed class ImgArgs
     public readonly Dictionary<string, string?> Options = new(StringComparer.Ordinal);
     public readonly List<string> Positional = new();
 
+    /// <param name="args">The subcommand's arguments (after the subcommand's name).</param>
     /// <param name="withValue">Option names taking a value, e.g. "f", "O", "output".</param>
+    /// <param name="flags">Option names without a value, e.g. "q", "U".</param>
     public static ImgArgs Parse(string[] args, string[] withValue, string[] flags)
     {
         var r = new ImgArgs();

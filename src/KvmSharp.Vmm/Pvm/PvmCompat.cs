@@ -1,4 +1,5 @@
 using Iced.Intel;
+using KvmSharp.Boot;
 using KvmSharp.Kvm;
 using KvmSharp.Kvm.Native;
 using KvmSharp.Memory;
@@ -11,8 +12,9 @@ namespace KvmSharp.Vmm.Pvm;
 /// host's instruction emulator). Off on hardware KVM. Each quirk, why, and how it was found is in
 /// docs/pvm.md. In short:
 /// <list type="number">
-/// <item>The host ignores our CPUID table, so features whose instructions its emulator cannot run
-/// are taken away with kernel parameters (<see cref="AdjustCommandLine"/>).</item>
+/// <item>The host ignores our CPUID table, so features whose instructions its emulator cannot run,
+/// and those the user's CPU template hides, are taken away with kernel parameters
+/// (<see cref="AdjustCommandLine(string, CpuTemplate, TextWriter)"/>).</item>
 /// <item>Instructions the emulator fails on come back as KVM_EXIT_INTERNAL_ERROR (emulation) with
 /// the instruction bytes; we complete them or inject what the CPU would raise
 /// (<see cref="TryHandleEmulationFailure"/>).</item>
@@ -51,19 +53,38 @@ internal sealed class PvmCompat
     public long PageFaultHookHits { get; private set; }
 
     /// <summary>
-    /// Kernel parameters that remove features the host's emulator cannot execute in guest ring 0
-    /// (pvm-notes: xrstor → noxsave; lock cmpxchg16b (SLUB) → cx16; popcnt, clac/stac (SMAP), rdrand/rdseed, SIMD crypto → clearcpuid).
-    /// Parameters the user already gave are left alone.
+    /// The guest's command line on a PVM host. The host ignores our CPUID table, so what
+    /// <see cref="CpuTemplate.Pvm"/> (features whose instructions its emulator cannot run in guest ring 0:
+    /// xrstor → noxsave, SLUB's lock cmpxchg16b → cx16, popcnt, clac/stac, rdrand/rdseed, SIMD crypto …)
+    /// and the user's <paramref name="template"/> hide is taken away with kernel parameters instead
+    /// (<see cref="CpuTemplate.LinuxKernelArguments(out IReadOnlyList{CpuidBit})"/>, the one source of them).
+    /// Parameters the user already gave win: <c>noxsave</c> is not repeated, and with a
+    /// <c>clearcpuid=</c> of the user's own ours is left out (Linux reads only the last one,
+    /// arch/x86/lib/cmdline.c). <paramref name="omitted"/> lists hidden features no parameter could express.
     /// </summary>
-    public static string AdjustCommandLine(string commandLine)
+    public static string AdjustCommandLine(string commandLine, CpuTemplate template, out IReadOnlyList<CpuidBit> omitted)
     {
         var words = commandLine.Split(' ', StringSplitOptions.RemoveEmptyEntries);
         var add = new List<string>();
-        if (!words.Contains("noxsave"))
-            add.Add("noxsave");
-        if (!words.Any(w => w.StartsWith("clearcpuid=", StringComparison.Ordinal)))
-            add.Add("clearcpuid=cx16,popcnt,smap,rdrand,rdseed,aes,pclmulqdq,sha_ni,ssse3,sse4_1,sse4_2");
-        return add.Count == 0 ? commandLine : commandLine + " " + string.Join(' ', add);
+        foreach (string argument in CpuTemplate.Pvm.Union(template).LinuxKernelArguments(out omitted).Split(' ', StringSplitOptions.RemoveEmptyEntries))
+        {
+            bool given = argument.StartsWith("clearcpuid=", StringComparison.Ordinal)
+                ? words.Any(w => w.StartsWith("clearcpuid=", StringComparison.Ordinal))
+                : words.Contains(argument);
+            if (!given)
+                add.Add(argument);
+        }
+        return add.Count == 0 ? commandLine : $"{commandLine} {string.Join(' ', add)}";
+    }
+
+    /// <summary>As <see cref="AdjustCommandLine(string, CpuTemplate, out IReadOnlyList{CpuidBit})"/>, and
+    /// one line on <paramref name="diagnostics"/> naming the features that stay visible.</summary>
+    public static string AdjustCommandLine(string commandLine, CpuTemplate template, TextWriter diagnostics)
+    {
+        string adjusted = AdjustCommandLine(commandLine, template, out var omitted);
+        if (omitted.Count > 0)
+            diagnostics.WriteLine($"kvmsharp: PVM host: no kernel parameter hides {string.Join(", ", omitted)}; the guest still sees them");
+        return adjusted;
     }
 
     /// <summary>
