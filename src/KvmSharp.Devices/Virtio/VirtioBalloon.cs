@@ -308,12 +308,12 @@ public sealed class VirtioBalloon : IVirtioDevice
     }
 
     /// <inheritdoc/>
-    public void QueueNotify(int queueIndex)
+    public bool QueueNotify(int queueIndex)
     {
         lock (_lock)
         {
             if (_memory is not { } memory || _queues is not { } queues || _interrupt is not { } interrupt || Broken)
-                return;
+                return false;
             switch (queueIndex)
             {
                 case InflateQueue:
@@ -329,6 +329,7 @@ public sealed class VirtioBalloon : IVirtioDevice
                     break;
             }
         }
+        return false;
     }
 
     /// <remarks>§5.5.6: the device writes nothing into inflate or deflate buffers.</remarks>

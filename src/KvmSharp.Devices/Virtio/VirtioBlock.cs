@@ -288,9 +288,10 @@ public sealed class VirtioBlock : IVirtioDevice
     }
 
     /// <inheritdoc/>
-    public void QueueNotify(int queueIndex)
+    public bool QueueNotify(int queueIndex)
     {
         ProcessQueue(queueIndex);
+        return false;
     }
 
     /// <summary>Serves every available request of queue <paramref name="queueIndex"/>, then

@@ -191,12 +191,13 @@ public sealed class VirtioConsole : IVirtioDevice
     }
 
     /// <inheritdoc/>
-    public void QueueNotify(int queueIndex)
+    public bool QueueNotify(int queueIndex)
     {
         if (queueIndex == TransmitQueue)
             ProcessTransmit();
         else if (queueIndex == ReceiveQueue)
             ProcessReceive();
+        return false;
     }
 
     /// <summary>

@@ -20,13 +20,14 @@ namespace KvmSharp.Devices.Virtio;
 /// scan is a new edge and none is lost.</para>
 /// <para>Queue notifications: the VMM should register an ioeventfd at base +
 /// <see cref="QueueNotifyOffset"/> (4 bytes, data match = queue index) so kicks never exit to user
-/// space; without one, a write there reaches <see cref="IVirtioDevice.QueueNotify"/>.</para>
+/// space; without one, a write there reaches the <see cref="IVirtioQueueNotifier"/>, which
+/// signals the same queue event. Either way the device is served on the VMM's I/O thread
+/// (<see cref="NotifyQueue"/>).</para>
 /// <para>Threads: register accesses from vCPU threads serialise on one lock; device calls made
 /// from it (config access, activate, reset) run under it. Lock order: transport lock, then
-/// whatever the device takes. <see cref="IVirtioInterrupt.Signal"/> takes no lock, and
-/// <see cref="IVirtioDevice.QueueNotify"/> is called without it.</para>
+/// whatever the device takes. <see cref="IVirtioInterrupt.Signal"/> and <see cref="NotifyQueue"/> take no lock.</para>
 /// </remarks>
-public sealed class VirtioMmioTransport : IBusDevice, IVirtioInterrupt
+public sealed class VirtioMmioTransport : IBusDevice, IVirtioInterrupt, IVirtioTransport
 {
     /// <summary>Bytes of MMIO space the transport occupies (registers plus configuration space).</summary>
     public const ulong RegionSize = 0x1000;
@@ -87,11 +88,15 @@ public sealed class VirtioMmioTransport : IBusDevice, IVirtioInterrupt
     /// <exception cref="ArgumentNullException">An argument is null.</exception>
     /// <exception cref="ArgumentException">The device offers no VERSION_1 feature or has an
     /// invalid queue maximum size.</exception>
-    public VirtioMmioTransport(IVirtioDevice device, GuestMemory memory, IInterruptLine irq)
+    /// <param name="device">The virtio device.</param>
+    /// <param name="memory">Guest memory the queues live in.</param>
+    /// <param name="irq">The device's interrupt line (an edge per signal).</param>
+    /// <param name="notifier">The VMM's queue events: where QueueNotify writes go.</param>
+    public VirtioMmioTransport(IVirtioDevice device, GuestMemory memory, IInterruptLine irq, IVirtioQueueNotifier notifier)
     {
         ArgumentNullException.ThrowIfNull(irq);
         _irq = irq;
-        _core = new VirtioTransportCore(device, memory, this);
+        _core = new VirtioTransportCore(device, memory, this, notifier);
     }
 
     /// <summary>The device status byte as the driver last set it (plus DEVICE_NEEDS_RESET).</summary>
@@ -102,6 +107,9 @@ public sealed class VirtioMmioTransport : IBusDevice, IVirtioInterrupt
 
     /// <summary>The queues, for tests and for snapshotting.</summary>
     public IReadOnlyList<VirtQueue> Queues => _core.Queues;
+
+    /// <inheritdoc/>
+    public bool NotifyQueue(int queueIndex) => _core.NotifyQueue(queueIndex);
 
     /// <inheritdoc/>
     public void Signal(VirtioInterruptType type, int queueIndex)
@@ -152,13 +160,8 @@ public sealed class VirtioMmioTransport : IBusDevice, IVirtioInterrupt
         uint value = BinaryPrimitives.ReadUInt32LittleEndian(data);
         if (offset == QueueNotifyOffset)
         {
-            // Outside the lock, so a device signalling under its own lock never waits on us.
-            bool activated;
-            lock (_lock)
-                activated = _core.Activated;
             // With VIRTIO_F_NOTIFICATION_DATA unoffered, the value is the queue index.
-            if (activated && value < (uint)_core.Queues.Length)
-                _core.Device.QueueNotify((int)value);
+            _core.Kick(value);
             return;
         }
         lock (_lock)

@@ -32,8 +32,7 @@ public enum NetRxStatus
     BackendEmpty,
 
     /// <summary>A frame is waiting and the guest has posted no receive buffer: call again on the
-    /// receive queue's notification (ioeventfd or <see cref="IVirtioDevice.QueueNotify"/>, which
-    /// does it). With a level-triggered fd, stop polling the back end until then.</summary>
+    /// receive queue's notification (<see cref="IVirtioDevice.QueueNotify"/> does it). With a level-triggered fd, stop polling the back end until then.</summary>
     WaitingForBuffers,
 
     /// <summary>The per-call frame budget ran out with work left: call again soon (after other
@@ -326,14 +325,15 @@ public sealed class VirtioNet : IVirtioDevice
     }
 
     /// <inheritdoc/>
-    /// <remarks>Processes the queue inline (both paths are non-blocking): receive buffers posted
-    /// let a waiting frame in; transmit chains are sent.</remarks>
-    public void QueueNotify(int queueIndex)
+    /// <remarks>Processes the queue at once (both paths are non-blocking): receive buffers posted
+    /// let a waiting frame in; transmit chains are sent. True when the receive budget ran out.</remarks>
+    public bool QueueNotify(int queueIndex)
     {
         if (queueIndex == RxQueueIndex)
-            ProcessRx();
-        else if (queueIndex == TxQueueIndex)
+            return ProcessRx() == NetRxStatus.MoreWork;
+        if (queueIndex == TxQueueIndex)
             ProcessTx();
+        return false;
     }
 
     // ---------------------------------------------------------------- transmit

@@ -16,7 +16,7 @@ namespace KvmSharp.Devices.Virtio;
 /// 0x3000 + 4·<i>n</i> (queue_notify_off = <i>n</i>, notify_off_multiplier = 4). The VMM should
 /// attach an ioeventfd to each queue's notify address (see <see cref="NotifyOffset"/>) and move
 /// it when <see cref="IPciBarObserver"/> reports the BAR moved; without one, a write there reaches
-/// <see cref="IVirtioDevice.QueueNotify"/>.</para>
+/// the <see cref="IVirtioQueueNotifier"/>, which signals the same queue event.</para>
 /// <para><b>BAR 2</b> (64-bit memory, <see cref="MsixTable.RegionSize"/>): MSI-X table and PBA,
 /// one vector per queue plus one for configuration changes.</para>
 /// <para><b>Interrupts.</b> With MSI-X enabled, a queue or configuration interrupt goes to the
@@ -27,10 +27,9 @@ namespace KvmSharp.Devices.Virtio;
 /// (VIRTIO_PCI_CAP_PCI_CFG, §4.1.4.9), then MSI-X.</para>
 /// <para><b>Threads.</b> BAR accesses serialise on the transport's lock; configuration space
 /// accesses come under the <see cref="PciRoot"/>'s lock and take this one inside it. Lock order:
-/// root, transport, device, MSI-X table. <see cref="Signal"/> takes no transport lock and
-/// <see cref="IVirtioDevice.QueueNotify"/> is called without it.</para>
+/// root, transport, device, MSI-X table. <see cref="Signal"/> and <see cref="NotifyQueue"/> take no transport lock.</para>
 /// </remarks>
-public sealed class VirtioPciTransport : IPciDevice, IVirtioInterrupt
+public sealed class VirtioPciTransport : IPciDevice, IVirtioInterrupt, IVirtioTransport
 {
     /// <summary>Size of BAR 0.</summary>
     public const ulong Bar0Size = 0x4000;
@@ -111,16 +110,17 @@ public sealed class VirtioPciTransport : IPciDevice, IVirtioInterrupt
     /// <param name="memory">Guest memory the queues live in.</param>
     /// <param name="msi">Delivers MSI-X messages.</param>
     /// <param name="intx">INTA# (level), used while MSI-X is disabled.</param>
+    /// <param name="notifier">The VMM's queue events: where notify-register writes go.</param>
     /// <param name="bar0Address">Initial address of BAR 0 (aligned to <see cref="Bar0Size"/>).</param>
     /// <param name="bar2Address">Initial address of BAR 2 (aligned to <see cref="MsixTable.RegionSize"/>).</param>
     /// <exception cref="ArgumentNullException">An argument is null.</exception>
     /// <exception cref="ArgumentException">The device does not offer VERSION_1, or has more queues than vectors fit.</exception>
     /// <exception cref="ArgumentOutOfRangeException">A BAR address is misaligned.</exception>
     public VirtioPciTransport(IVirtioDevice device, GuestMemory memory, IMsiSink msi, ILevelInterruptLine intx,
-        ulong bar0Address, ulong bar2Address)
+        IVirtioQueueNotifier notifier, ulong bar0Address, ulong bar2Address)
     {
         ArgumentNullException.ThrowIfNull(intx);
-        _core = new VirtioTransportCore(device, memory, this);
+        _core = new VirtioTransportCore(device, memory, this, notifier);
         int queues = _core.Queues.Length;
         if (queues + 1 > MsixTable.MaxVectors)
             throw new ArgumentException("Too many queues for the MSI-X table.", nameof(device));
@@ -194,19 +194,10 @@ public sealed class VirtioPciTransport : IPciDevice, IVirtioInterrupt
             PciCfgAccess(write: false);
     }
 
-    /// <summary>
-    /// A queue notification that arrived outside the bus: the VMM's ioeventfd for queue
-    /// <paramref name="queueIndex"/> fired (virtio 1.2 §4.1.4.4). Same effect as a guest write to
-    /// the notify region; ignored before DRIVER_OK or for a queue that does not exist.
-    /// </summary>
-    public void NotifyQueue(int queueIndex)
-    {
-        bool activated;
-        lock (_lock)
-            activated = _core.Activated;
-        if (activated && (uint)queueIndex < (uint)_core.Queues.Length)
-            _core.Device.QueueNotify(queueIndex);
-    }
+    /// <inheritdoc/>
+    /// <remarks>The queue's event fired: KVM's ioeventfd on the notify region (virtio 1.2
+    /// §4.1.4.4) or a notify write that reached the bus.</remarks>
+    public bool NotifyQueue(int queueIndex) => _core.NotifyQueue(queueIndex);
 
     /// <inheritdoc/>
     public void Signal(VirtioInterruptType type, int queueIndex)
@@ -337,14 +328,7 @@ public sealed class VirtioPciTransport : IPciDevice, IVirtioInterrupt
         }
         else
         {
-            ulong slot = (offset - NotifyOffset) / NotifyOffMultiplier;
-            bool activated;
-            lock (_lock)
-                activated = _core.Activated;
-            // Outside the lock: the device may be signalling (and so waiting on nothing of ours)
-            // from its worker while holding its own lock.
-            if (activated && slot < (ulong)_core.Queues.Length)
-                _core.Device.QueueNotify((int)slot);
+            _core.Kick((offset - NotifyOffset) / NotifyOffMultiplier);
         }
     }
 

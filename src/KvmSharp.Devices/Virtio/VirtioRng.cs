@@ -9,9 +9,8 @@ namespace KvmSharp.Devices.Virtio;
 /// </summary>
 /// <remarks>
 /// <para>Work per request is bounded by <see cref="MaxBytesPerRequest"/> (§5.4.6.1: the device
-/// MAY use less than the whole buffer), so processing is short enough to run inline on the
-/// notifying thread: <see cref="QueueNotify"/> processes the queue directly. The VMM may instead
-/// call <see cref="ProcessQueue"/> from its I/O thread when the queue's ioeventfd fires.</para>
+/// MAY use less than the whole buffer), so <see cref="QueueNotify"/> (the I/O thread) serves the
+/// queue at once.</para>
 /// <para>Malformed chains are returned with length 0 and counted; an impossible ring stops the
 /// device until reset (<see cref="Broken"/>).</para>
 /// <para>Threads: <see cref="ProcessQueue"/>, <see cref="Activate"/> and <see cref="Reset"/>
@@ -107,10 +106,11 @@ public sealed class VirtioRng : IVirtioDevice
     }
 
     /// <inheritdoc/>
-    public void QueueNotify(int queueIndex)
+    public bool QueueNotify(int queueIndex)
     {
         if (queueIndex == 0)
             ProcessQueue();
+        return false;
     }
 
     /// <summary>Serves every available request, then signals the driver if it wants it.</summary>

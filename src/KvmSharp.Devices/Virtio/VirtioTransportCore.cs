@@ -6,22 +6,28 @@ namespace KvmSharp.Devices.Virtio;
 /// Transport-independent device state shared by virtio-mmio and virtio-pci: the status byte,
 /// feature negotiation, the queues and activation (virtio 1.2 §2.1, §2.2, §3.1.1).
 /// </summary>
-/// <remarks>Not thread-safe: the owning transport calls it under its lock.</remarks>
+/// <remarks>Not thread-safe: the owning transport calls it under its lock, except
+/// <see cref="Kick"/> (vCPU threads) and <see cref="NotifyQueue"/> (the I/O thread), which take
+/// no lock so that a device signalling under its own lock never waits on the transport.</remarks>
 internal sealed class VirtioTransportCore
 {
     private readonly IVirtioDevice _device;
     private readonly GuestMemory _memory;
     private readonly IVirtioInterrupt _interrupt;
+    private readonly IVirtioQueueNotifier _notifier;
+    private volatile bool _activated;
 
-    public VirtioTransportCore(IVirtioDevice device, GuestMemory memory, IVirtioInterrupt interrupt)
+    public VirtioTransportCore(IVirtioDevice device, GuestMemory memory, IVirtioInterrupt interrupt, IVirtioQueueNotifier notifier)
     {
         ArgumentNullException.ThrowIfNull(device);
         ArgumentNullException.ThrowIfNull(memory);
+        ArgumentNullException.ThrowIfNull(notifier);
         if ((device.DeviceFeatures & VirtioFeatures.VERSION_1) == 0)
             throw new ArgumentException("A modern virtio transport needs a device that offers VIRTIO_F_VERSION_1.", nameof(device));
         _device = device;
         _memory = memory;
         _interrupt = interrupt;
+        _notifier = notifier;
         Queues = new VirtQueue[device.QueueCount];
         for (int i = 0; i < Queues.Length; i++)
             Queues[i] = new VirtQueue(device.QueueMaxSize(i)); // throws ArgumentOutOfRangeException when invalid
@@ -45,7 +51,7 @@ internal sealed class VirtioTransportCore
 
     public ulong DriverFeatures { get; private set; }
 
-    public bool Activated { get; private set; }
+    public bool Activated => _activated;
 
     public bool HasStatus(byte bit) => (_status & bit) != 0;
 
@@ -64,6 +70,19 @@ internal sealed class VirtioTransportCore
         1 => (uint)(DriverFeatures >> 32),
         _ => 0,
     };
+
+    /// <summary>A notify-register write for queue <paramref name="queueIndex"/> reached the
+    /// transport (no ioeventfd caught it): hand it to the VMM's queue event, never to the device
+    /// on this (vCPU) thread. Out-of-range indices are dropped.</summary>
+    public void Kick(ulong queueIndex)
+    {
+        if (queueIndex < (ulong)Queues.Length)
+            _notifier.Notify((int)queueIndex);
+    }
+
+    /// <summary>Runs a kick on the I/O thread (see <see cref="IVirtioTransport.NotifyQueue"/>).</summary>
+    public bool NotifyQueue(int queueIndex) =>
+        _activated && (uint)queueIndex < (uint)Queues.Length && _device.QueueNotify(queueIndex);
 
     /// <summary>§3.1.1: features are written after DRIVER and before FEATURES_OK.</summary>
     public void WriteDriverFeatures(uint value)
@@ -137,7 +156,7 @@ internal sealed class VirtioTransportCore
         }
         if (!_device.Activate(_memory, DriverFeatures, Queues, _interrupt))
             return false;
-        Activated = true;
+        _activated = true;
         return true;
     }
 
@@ -145,7 +164,7 @@ internal sealed class VirtioTransportCore
     {
         if (Activated)
             _device.Reset();
-        Activated = false;
+        _activated = false;
         _status = 0;
         DriverFeatures = 0;
         DeviceFeaturesSelect = 0;

@@ -567,7 +567,7 @@ public sealed class VirtioBlockTests : IDisposable
         _image = RawImage.Open(_path, false);
         _blk = new VirtioBlock(_image, "kvmsharp-disk0", queueSize: 16);
         var line = new CountingLine();
-        var mmio = new VirtioMmioTransport(_blk, _memory, line);
+        var mmio = TestTransports.Mmio(_blk, _memory, line);
         var b = new byte[8];
         mmio.Read(0x100, b); // config: capacity
         Assert.Equal(DiskSize / 512, BinaryPrimitives.ReadUInt64LittleEndian(b));

@@ -15,7 +15,7 @@ public sealed class VirtioRngTests : IDisposable
 
     public VirtioRngTests()
     {
-        _mmio = new VirtioMmioTransport(_rng, _memory, _irq);
+        _mmio = TestTransports.Mmio(_rng, _memory, _irq);
         _driver = new MockDriver(_memory, 16); // ring layout and descriptor writer
     }
 
