@@ -317,7 +317,9 @@ public sealed class Vm : IDisposable
         for (int i = 0; i < Config.Disks.Count; i++)
         {
             var d = Config.Disks[i];
-            AddVirtio(new VirtioBlock(disks[i], d.Serial, d.ReadOnly, log: _log));
+            var blk = new VirtioBlock(disks[i], d.Serial, d.ReadOnly, log: _log);
+            _owned.Insert(0, blk); // its worker stops before the disks close
+            AddVirtio(blk);
         }
         if (Config.BalloonMiB is { } balloonMiB)
         {

@@ -100,7 +100,7 @@ public sealed class VirtioBalloon : IVirtioDevice
     /// <exception cref="ArgumentOutOfRangeException"><paramref name="queueSize"/> is invalid.</exception>
     public VirtioBalloon(ushort queueSize = 128, bool deflateOnOom = true, RateLimitedLog? log = null)
     {
-        _ = new VirtQueue(queueSize); // validates the size
+        VirtQueue.ValidateMaxSize(queueSize);
         _queueSize = queueSize;
         _deflateOnOom = deflateOnOom;
         _log = log;

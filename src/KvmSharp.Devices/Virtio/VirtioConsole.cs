@@ -77,7 +77,7 @@ public sealed class VirtioConsole : IVirtioDevice
     public VirtioConsole(Stream output, ushort queueSize = 64, ushort cols = 80, ushort rows = 25, RateLimitedLog? log = null)
     {
         ArgumentNullException.ThrowIfNull(output);
-        _ = new VirtQueue(queueSize); // validates the size
+        VirtQueue.ValidateMaxSize(queueSize);
         _output = output;
         _queueSize = queueSize;
         _cols = cols;

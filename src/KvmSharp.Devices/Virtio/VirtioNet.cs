@@ -150,7 +150,7 @@ public sealed class VirtioNet : IVirtioDevice
             throw new ArgumentException("A MAC address is 6 bytes.", nameof(mac));
         if ((mac[0] & 1) != 0)
             throw new ArgumentException("A device MAC address must be unicast (bit 0 of the first byte clear).", nameof(mac));
-        _ = new VirtQueue(queueSize); // validates the size
+        VirtQueue.ValidateMaxSize(queueSize);
         _backend = backend;
         _mac = mac.ToArray();
         _queueSize = queueSize;

@@ -38,7 +38,7 @@ public sealed class VirtioRng : IVirtioDevice
     /// <exception cref="ArgumentOutOfRangeException">The size is not a power of two up to 32768.</exception>
     public VirtioRng(ushort queueSize = 256)
     {
-        _ = new VirtQueue(queueSize); // validates the size
+        VirtQueue.ValidateMaxSize(queueSize);
         _queueSize = queueSize;
         _chain = new DescriptorChain(queueSize);
         _fill = Fill;

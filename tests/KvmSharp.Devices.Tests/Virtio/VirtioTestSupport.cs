@@ -114,10 +114,14 @@ internal sealed class InlineQueueNotifier : IVirtioQueueNotifier
 
     public int Kicks => Volatile.Read(ref _kicks);
 
+    /// <summary>Runs after each kick: waits for a device's own worker (virtio-blk).</summary>
+    public Action? Then { get; set; }
+
     public void Notify(int queueIndex)
     {
         Interlocked.Increment(ref _kicks);
         Transport?.NotifyQueue(queueIndex);
+        Then?.Invoke();
     }
 }
 
@@ -126,7 +130,7 @@ internal static class TestTransports
 {
     public static VirtioMmioTransport Mmio(IVirtioDevice device, GuestMemory memory, IInterruptLine irq)
     {
-        var notifier = new InlineQueueNotifier();
+        var notifier = new InlineQueueNotifier { Then = device is VirtioBlock blk ? blk.WaitIdle : null };
         var transport = new VirtioMmioTransport(device, memory, irq, notifier);
         notifier.Transport = transport;
         return transport;
@@ -135,7 +139,7 @@ internal static class TestTransports
     public static VirtioPciTransport Pci(IVirtioDevice device, GuestMemory memory, IMsiSink msi, ILevelInterruptLine intx,
         ulong bar0Address, ulong bar2Address)
     {
-        var notifier = new InlineQueueNotifier();
+        var notifier = new InlineQueueNotifier { Then = device is VirtioBlock blk ? blk.WaitIdle : null };
         var transport = new VirtioPciTransport(device, memory, msi, intx, notifier, bar0Address, bar2Address);
         notifier.Transport = transport;
         return transport;
