@@ -313,7 +313,7 @@ public sealed class Vm : IDisposable
     private void AddVirtioDevices(List<IBlockDevice> disks)
     {
         if (Config.Rng)
-            AddVirtio(new VirtioRng());
+            AddVirtio(new VirtioRng(log: _log));
         for (int i = 0; i < Config.Disks.Count; i++)
         {
             var d = Config.Disks[i];

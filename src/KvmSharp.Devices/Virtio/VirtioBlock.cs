@@ -73,18 +73,14 @@ public sealed class VirtioBlock : IVirtioDevice, IDisposable
     private readonly ushort _queueSize;
     private readonly int _numQueues;
     private readonly byte[] _id = new byte[IdBytes];
-    private readonly RateLimitedLog? _log;
-
+    
     // Guards everything below. Held by the worker for one request at a time.
     private readonly Lock _lock = new();
     private readonly DescriptorChain _chain;
-    private readonly VirtioDeviceRuntime _runtime;
+    private readonly VirtioDeviceCore _core;
     private readonly byte[] _bounce = new byte[BounceSize];
     private readonly NativeBuffer[] _iov;
     private readonly DiscardSegment[] _segments = new DiscardSegment[MaxDiscardSegments];
-    private GuestMemory? _memory;
-    private IReadOnlyList<VirtQueue>? _queues;
-    private IVirtioInterrupt? _interrupt;
     private bool _writeThrough;
     private BlockWorker? _worker;
     private bool _disposed;
@@ -136,8 +132,7 @@ public sealed class VirtioBlock : IVirtioDevice, IDisposable
         _queueSize = queueSize;
         _chain = new DescriptorChain(queueSize);
         _iov = new NativeBuffer[queueSize];
-        _log = log;
-        _runtime = new VirtioDeviceRuntime("virtio-blk", log);
+        _core = new VirtioDeviceCore("virtio-blk", numQueues, log);
         int n = Encoding.ASCII.GetBytes(serial.AsSpan(0, Math.Min(serial.Length, IdBytes)), _id);
         _id.AsSpan(n).Clear();
     }
@@ -184,7 +179,7 @@ public sealed class VirtioBlock : IVirtioDevice, IDisposable
     public long Unsupported => Interlocked.Read(ref _unsupported);
 
     /// <summary>Malformed chains and requests without a writable status byte (returned with length 0).</summary>
-    public long BadChains => _runtime.BadChains;
+    public long BadChains => _core.BadChains;
 
     /// <summary>Bytes read from the disk for the guest.</summary>
     public long BytesRead => Interlocked.Read(ref _bytesRead);
@@ -193,7 +188,7 @@ public sealed class VirtioBlock : IVirtioDevice, IDisposable
     public long BytesWritten => Interlocked.Read(ref _bytesWritten);
 
     /// <summary>True after the driver corrupted the ring; cleared by reset.</summary>
-    public bool Broken => _runtime.Broken;
+    public bool Broken => _core.Broken;
 
     /// <inheritdoc/>
     public ushort QueueMaxSize(int index) => _queueSize;
@@ -226,20 +221,13 @@ public sealed class VirtioBlock : IVirtioDevice, IDisposable
     /// <inheritdoc/>
     public bool Activate(GuestMemory memory, ulong negotiatedFeatures, IReadOnlyList<VirtQueue> queues, IVirtioInterrupt interrupt)
     {
-        ArgumentNullException.ThrowIfNull(memory);
-        ArgumentNullException.ThrowIfNull(queues);
-        ArgumentNullException.ThrowIfNull(interrupt);
         lock (_lock)
         {
             // The driver may use fewer queues than offered (Linux: at most one per CPU); the
             // unused ones are never made ready and are ignored.
-            if (queues.Count != _numQueues || !queues[0].Ready)
+            if (!_core.Activate(memory, negotiatedFeatures, queues, interrupt, requiredQueues: 1))
                 return false;
-            _memory = memory;
-            _queues = queues;
-            _interrupt = interrupt;
             _writeThrough = (negotiatedFeatures & VirtioBlockFeatures.FLUSH) == 0;
-            _runtime.ClearBroken();
         }
         return true;
     }
@@ -249,12 +237,7 @@ public sealed class VirtioBlock : IVirtioDevice, IDisposable
     public void Reset()
     {
         lock (_lock)
-        {
-            _memory = null;
-            _queues = null;
-            _interrupt = null;
-            _runtime.ClearBroken();
-        }
+            _core.Reset();
     }
 
     /// <inheritdoc/>
@@ -286,11 +269,8 @@ public sealed class VirtioBlock : IVirtioDevice, IDisposable
         {
             lock (_lock)
             {
-                if (_queues is not { } queues || _memory is not { } memory || _interrupt is not { } interrupt || Broken)
+                if (!_core.TryGetQueue(queueIndex, out VirtQueue? queue, out GuestMemory? memory, out IVirtioInterrupt? interrupt))
                     return;
-                if ((uint)queueIndex >= (uint)queues.Count || !queues[queueIndex].Ready)
-                    return;
-                VirtQueue queue = queues[queueIndex];
                 PopResult result = queue.TryPop(memory, _chain);
                 if (result == PopResult.Empty)
                 {
@@ -305,10 +285,10 @@ public sealed class VirtioBlock : IVirtioDevice, IDisposable
                 if (result == PopResult.Chain)
                     written = Execute(memory);
                 else if (result == PopResult.BadChain)
-                    _runtime.BadChain(_chain.Head);
+                    _core.BadChain(_chain.Head);
                 if (result == PopResult.BrokenRing || !queue.TryAddUsed(memory, _chain.Head, written))
                 {
-                    _runtime.MarkBroken(interrupt, queueIndex);
+                    _core.MarkBroken(interrupt, queueIndex);
                     return;
                 }
                 used = true;
@@ -335,7 +315,7 @@ public sealed class VirtioBlock : IVirtioDevice, IDisposable
     {
         if (!BlockRequest.Parse(memory, _chain, CapacitySectors, _readOnly, _segments, MaxDiscardSectors, out BlockRequest request))
         {
-            _runtime.BadChain(_chain.Head, "request without a writable status byte");
+            _core.BadChain(_chain.Head, "request without a writable status byte");
             return 0;
         }
         uint payload = 0;
@@ -343,7 +323,7 @@ public sealed class VirtioBlock : IVirtioDevice, IDisposable
         if (status == BlockRequest.VIRTIO_BLK_S_OK)
             status = Run(memory, request, ref payload);
         else
-            _log?.Write(request.Error!, request.ErrorValue);
+            _core.Log?.Write(request.Error!, request.ErrorValue);
         Interlocked.Increment(ref _requests);
         if (status == BlockRequest.VIRTIO_BLK_S_IOERR)
             Interlocked.Increment(ref _ioErrors);
@@ -351,7 +331,7 @@ public sealed class VirtioBlock : IVirtioDevice, IDisposable
             Interlocked.Increment(ref _unsupported);
         if (!memory.TryWrite(request.StatusAddress, status))
         {
-            _runtime.BadChain(_chain.Head, "status byte no longer in RAM");
+            _core.BadChain(_chain.Head, "status byte no longer in RAM");
             return 0;
         }
         return payload + 1;
@@ -394,7 +374,7 @@ public sealed class VirtioBlock : IVirtioDevice, IDisposable
 
     private byte Refuse(string message)
     {
-        _log?.Write(message, _chain.Head);
+        _core.Log?.Write(message, _chain.Head);
         return BlockRequest.VIRTIO_BLK_S_IOERR;
     }
 
@@ -421,7 +401,7 @@ public sealed class VirtioBlock : IVirtioDevice, IDisposable
         }
         catch (Exception e) when (IsBackendFailure(e))
         {
-            _log?.Write($"virtio-blk: back-end failure at byte {offset}: {e.Message}");
+            _core.Log?.Write($"virtio-blk: back-end failure at byte {offset}: {e.Message}");
             return BlockRequest.VIRTIO_BLK_S_IOERR;
         }
     }
@@ -515,7 +495,7 @@ public sealed class VirtioBlock : IVirtioDevice, IDisposable
         }
         catch (Exception e) when (IsBackendFailure(e))
         {
-            _log?.Write($"virtio-blk: read failed at byte {offset}: {e.Message}");
+            _core.Log?.Write($"virtio-blk: read failed at byte {offset}: {e.Message}");
             return BlockRequest.VIRTIO_BLK_S_IOERR;
         }
     }
@@ -572,7 +552,7 @@ public sealed class VirtioBlock : IVirtioDevice, IDisposable
         }
         catch (Exception e) when (IsBackendFailure(e))
         {
-            _log?.Write($"virtio-blk: write failed at byte {offset}: {e.Message}");
+            _core.Log?.Write($"virtio-blk: write failed at byte {offset}: {e.Message}");
             return BlockRequest.VIRTIO_BLK_S_IOERR;
         }
     }

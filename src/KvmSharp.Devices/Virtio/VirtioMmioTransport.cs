@@ -168,7 +168,7 @@ public sealed class VirtioMmioTransport : IBusDevice, IVirtioInterrupt, IVirtioT
             WriteRegisterLocked((int)offset, value);
     }
 
-    private VirtQueue? SelectedQueueLocked => _queueSel < (uint)_core.Queues.Length ? _core.Queues[_queueSel] : null;
+    private VirtQueue? SelectedQueueLocked => _core.Queue(_queueSel);
 
     private uint ReadRegisterLocked(int offset)
     {
@@ -184,19 +184,19 @@ public sealed class VirtioMmioTransport : IBusDevice, IVirtioInterrupt, IVirtioT
                 // §4.2.2.1: 0 when the queue is not available.
                 return SelectedQueueLocked?.MaxSize ?? 0u;
             case QueueNum:
-                return SelectedQueueLocked?.Size ?? 0u;
+                return _core.ReadQueueRegister(_queueSel, VirtioQueueRegister.Size);
             case QueueReady:
                 return SelectedQueueLocked?.Ready == true ? 1u : 0u;
             case InterruptStatus:
                 return (uint)Volatile.Read(ref _interruptStatus);
             case Status:
                 return _core.Status;
-            case QueueDescLow: return (uint)(SelectedQueueLocked?.DescriptorTable.Value ?? 0);
-            case QueueDescHigh: return (uint)((SelectedQueueLocked?.DescriptorTable.Value ?? 0) >> 32);
-            case QueueDriverLow: return (uint)(SelectedQueueLocked?.AvailableRing.Value ?? 0);
-            case QueueDriverHigh: return (uint)((SelectedQueueLocked?.AvailableRing.Value ?? 0) >> 32);
-            case QueueDeviceLow: return (uint)(SelectedQueueLocked?.UsedRing.Value ?? 0);
-            case QueueDeviceHigh: return (uint)((SelectedQueueLocked?.UsedRing.Value ?? 0) >> 32);
+            case QueueDescLow: return _core.ReadQueueRegister(_queueSel, VirtioQueueRegister.DescLow);
+            case QueueDescHigh: return _core.ReadQueueRegister(_queueSel, VirtioQueueRegister.DescHigh);
+            case QueueDriverLow: return _core.ReadQueueRegister(_queueSel, VirtioQueueRegister.DriverLow);
+            case QueueDriverHigh: return _core.ReadQueueRegister(_queueSel, VirtioQueueRegister.DriverHigh);
+            case QueueDeviceLow: return _core.ReadQueueRegister(_queueSel, VirtioQueueRegister.DeviceLow);
+            case QueueDeviceHigh: return _core.ReadQueueRegister(_queueSel, VirtioQueueRegister.DeviceHigh);
             case SHMLenLow:
             case SHMLenHigh:
             case SHMBaseLow:
@@ -225,38 +225,17 @@ public sealed class VirtioMmioTransport : IBusDevice, IVirtioInterrupt, IVirtioT
             case QueueSel:
                 _queueSel = value;
                 break;
-            case QueueNum:
-                if (QueueConfigurableLocked(out VirtQueue? q))
-                    q.Size = (ushort)Math.Min(value, ushort.MaxValue); // validated at QueueReady/DRIVER_OK
-                break;
+            case QueueNum: _core.WriteQueueRegister(_queueSel, VirtioQueueRegister.Size, value); break;
             case QueueReady:
-                if (QueueConfigurableLocked(out q))
+                if (_core.TryGetConfigurableQueue(_queueSel, out VirtQueue? q))
                     q.Ready = (value & 1) != 0;
                 break;
-            case QueueDescLow:
-                if (QueueConfigurableLocked(out q))
-                    q.DescriptorTable = new GuestAddress(SetLow(q.DescriptorTable.Value, value));
-                break;
-            case QueueDescHigh:
-                if (QueueConfigurableLocked(out q))
-                    q.DescriptorTable = new GuestAddress(SetHigh(q.DescriptorTable.Value, value));
-                break;
-            case QueueDriverLow:
-                if (QueueConfigurableLocked(out q))
-                    q.AvailableRing = new GuestAddress(SetLow(q.AvailableRing.Value, value));
-                break;
-            case QueueDriverHigh:
-                if (QueueConfigurableLocked(out q))
-                    q.AvailableRing = new GuestAddress(SetHigh(q.AvailableRing.Value, value));
-                break;
-            case QueueDeviceLow:
-                if (QueueConfigurableLocked(out q))
-                    q.UsedRing = new GuestAddress(SetLow(q.UsedRing.Value, value));
-                break;
-            case QueueDeviceHigh:
-                if (QueueConfigurableLocked(out q))
-                    q.UsedRing = new GuestAddress(SetHigh(q.UsedRing.Value, value));
-                break;
+            case QueueDescLow: _core.WriteQueueRegister(_queueSel, VirtioQueueRegister.DescLow, value); break;
+            case QueueDescHigh: _core.WriteQueueRegister(_queueSel, VirtioQueueRegister.DescHigh, value); break;
+            case QueueDriverLow: _core.WriteQueueRegister(_queueSel, VirtioQueueRegister.DriverLow, value); break;
+            case QueueDriverHigh: _core.WriteQueueRegister(_queueSel, VirtioQueueRegister.DriverHigh, value); break;
+            case QueueDeviceLow: _core.WriteQueueRegister(_queueSel, VirtioQueueRegister.DeviceLow, value); break;
+            case QueueDeviceHigh: _core.WriteQueueRegister(_queueSel, VirtioQueueRegister.DeviceHigh, value); break;
             case InterruptACK:
                 Interlocked.And(ref _interruptStatus, ~(int)value);
                 break;
@@ -273,15 +252,4 @@ public sealed class VirtioMmioTransport : IBusDevice, IVirtioInterrupt, IVirtioT
                 break; // read-only or reserved
         }
     }
-
-    /// <summary>Queue registers may be written after FEATURES_OK and before DRIVER_OK (§3.1.1 steps 7-8).</summary>
-    private bool QueueConfigurableLocked([System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out VirtQueue? queue)
-    {
-        queue = SelectedQueueLocked;
-        return queue is not null && _core.QueueConfigurable;
-    }
-
-    private static ulong SetLow(ulong current, uint low) => (current & 0xFFFF_FFFF_0000_0000UL) | low;
-
-    private static ulong SetHigh(ulong current, uint high) => (current & 0xFFFF_FFFFUL) | ((ulong)high << 32);
 }

@@ -100,8 +100,7 @@ public sealed class VirtioNet : IVirtioDevice
         | VirtioNetFeatures.GUEST_CSUM | VirtioNetFeatures.GUEST_TSO4 | VirtioNetFeatures.GUEST_TSO6 | VirtioNetFeatures.GUEST_ECN;
 
     private readonly INetBackend _backend;
-    private readonly RateLimitedLog? _log;
-    private readonly VirtioDeviceRuntime _runtime; // takes no lock: used under either queue lock
+    private readonly VirtioDeviceCore _core; // written under both locks, read under either
     private readonly ushort _queueSize;
     private readonly byte[] _mac;
     private int _linkUp = 1;
@@ -111,18 +110,14 @@ public sealed class VirtioNet : IVirtioDevice
     private readonly Lock _txLock = new();
 
     // Set under both locks; read under either.
-    private GuestMemory? _memory;
-    private IVirtioInterrupt? _interrupt;
     private bool _mergeable;
 
     // Transmit state (under _txLock).
-    private VirtQueue? _txQueue;
     private readonly DescriptorChain _txChain;
     private readonly byte[] _txBuffer = new byte[HeaderSize + MaxFrameSize];
     private readonly ChainHandler _transmit;
 
     // Receive state (under _rxLock).
-    private VirtQueue? _rxQueue;
     private readonly DescriptorChain _rxChain;
     private readonly byte[] _rxBuffer = new byte[HeaderSize + MaxFrameSize];
     private int _rxLength;          // > 0: a frame (header included) waits in _rxBuffer
@@ -154,8 +149,7 @@ public sealed class VirtioNet : IVirtioDevice
         _backend = backend;
         _mac = mac.ToArray();
         _queueSize = queueSize;
-        _log = log;
-        _runtime = new VirtioDeviceRuntime("virtio-net", log);
+        _core = new VirtioDeviceCore("virtio-net", 2, log);
         _transmit = Transmit;
         _txChain = new DescriptorChain(queueSize);
         _rxChain = new DescriptorChain(queueSize);
@@ -195,10 +189,10 @@ public sealed class VirtioNet : IVirtioDevice
     public long RxDropped => Interlocked.Read(ref _rxDropped);
 
     /// <summary>Malformed or misdirected chains returned unused, both queues.</summary>
-    public long BadChains => _runtime.BadChains;
+    public long BadChains => _core.BadChains;
 
     /// <summary>True after the driver corrupted a ring; cleared by reset.</summary>
-    public bool Broken => _runtime.Broken;
+    public bool Broken => _core.Broken;
 
     /// <summary>
     /// The link state in the status field (VIRTIO_NET_S_LINK_UP). Changing it while the device
@@ -213,7 +207,7 @@ public sealed class VirtioNet : IVirtioDevice
                 return;
             IVirtioInterrupt? interrupt;
             lock (_rxLock)
-                interrupt = _interrupt;
+                interrupt = _core.Interrupt;
             interrupt?.Signal(VirtioInterruptType.Config, 0);
         }
     }
@@ -249,29 +243,23 @@ public sealed class VirtioNet : IVirtioDevice
     /// back end refuses the guest's receive offloads.</remarks>
     public bool Activate(GuestMemory memory, ulong negotiatedFeatures, IReadOnlyList<VirtQueue> queues, IVirtioInterrupt interrupt)
     {
-        ArgumentNullException.ThrowIfNull(memory);
-        ArgumentNullException.ThrowIfNull(queues);
-        ArgumentNullException.ThrowIfNull(interrupt);
-        if (queues.Count != 2 || !queues[RxQueueIndex].Ready || !queues[TxQueueIndex].Ready)
-            return false;
         lock (_rxLock)
         {
             lock (_txLock)
             {
+                if (!_core.Activate(memory, negotiatedFeatures, queues, interrupt, requiredQueues: 2))
+                    return false;
                 try
                 {
                     _backend.SetOffloads(OffloadsFor(negotiatedFeatures));
                 }
                 catch (IOException e)
                 {
-                    _log?.Write($"virtio-net: the back end refused the guest's offloads: {e.Message}");
+                    _core.Reset();
+                    _core.Log?.Write($"virtio-net: the back end refused the guest's offloads: {e.Message}");
                     return false;
                 }
-                _memory = memory;
-                _interrupt = interrupt;
                 _mergeable = (negotiatedFeatures & VirtioNetFeatures.MRG_RXBUF) != 0;
-                _rxQueue = queues[RxQueueIndex];
-                _txQueue = queues[TxQueueIndex];
                 ClearState();
             }
         }
@@ -286,10 +274,7 @@ public sealed class VirtioNet : IVirtioDevice
         {
             lock (_txLock)
             {
-                _memory = null;
-                _interrupt = null;
-                _rxQueue = null;
-                _txQueue = null;
+                _core.Reset();
                 _mergeable = false;
                 ClearState();
             }
@@ -298,7 +283,6 @@ public sealed class VirtioNet : IVirtioDevice
 
     private void ClearState()
     {
-        _runtime.ClearBroken();
         _rxLength = 0;
         _rxOffset = 0;
         _rxChainHeld = false;
@@ -347,9 +331,7 @@ public sealed class VirtioNet : IVirtioDevice
     {
         lock (_txLock)
         {
-            if (_txQueue is not { } queue || _memory is not { } memory || _interrupt is not { } interrupt || Broken)
-                return;
-            _runtime.Drain(queue, TxQueueIndex, memory, interrupt, _txChain, _transmit);
+            _core.Serve(TxQueueIndex, _txChain, _transmit);
         }
     }
 
@@ -360,19 +342,19 @@ public sealed class VirtioNet : IVirtioDevice
         // §5.1.6.2: a transmit chain is the header and the frame, all device-readable.
         if (chain.WritableLength != 0)
         {
-            _runtime.BadChain(chain.Head, "transmit chain has device-writable buffers");
+            _core.BadChain(chain.Head, "transmit chain has device-writable buffers");
             return 0;
         }
         if (length < HeaderSize + MinFrameSize || length > (uint)_txBuffer.Length)
         {
-            _runtime.BadChain(chain.Head, "transmit chain length is outside [26, 65612]");
+            _core.BadChain(chain.Head, "transmit chain length is outside [26, 65612]");
             return 0;
         }
         var reader = new ChainReader(memory, chain);
         Span<byte> frame = _txBuffer.AsSpan(0, (int)length);
         if (reader.Read(frame) != frame.Length)
         {
-            _runtime.BadChain(chain.Head, "transmit chain could not be read");
+            _core.BadChain(chain.Head, "transmit chain could not be read");
             return 0;
         }
         // The TAP takes virtio_net_hdr_v1 as is (flags, gso_type, hdr_len, gso_size,
@@ -381,7 +363,7 @@ public sealed class VirtioNet : IVirtioDevice
         if (n < 0)
         {
             Interlocked.Increment(ref _txErrors);
-            _log?.Write("virtio-net: back end write failed, frame dropped: errno ", (ulong)-n);
+            _core.Log?.Write("virtio-net: back end write failed, frame dropped: errno ", (ulong)-n);
             return 0;
         }
         Interlocked.Increment(ref _txFrames);
@@ -403,7 +385,7 @@ public sealed class VirtioNet : IVirtioDevice
     {
         lock (_rxLock)
         {
-            if (_rxQueue is not { } queue || _memory is not { } memory || _interrupt is not { } interrupt || Broken)
+            if (!_core.TryGetQueue(RxQueueIndex, out VirtQueue? queue, out GuestMemory? memory, out IVirtioInterrupt? interrupt))
                 return NetRxStatus.NotRunning;
             bool used = false;
             int budget = RxBudget;
@@ -467,13 +449,13 @@ public sealed class VirtioNet : IVirtioDevice
         if (n <= 0)
         {
             if (n < 0 && n != -Libc.EAGAIN)
-                _log?.Write("virtio-net: back end read failed: errno ", (ulong)-n);
+                _core.Log?.Write("virtio-net: back end read failed: errno ", (ulong)-n);
             return false;
         }
         if (n > _rxBuffer.Length || n < HeaderSize + MinFrameSize)
         {
             Interlocked.Increment(ref _rxDropped);
-            _log?.Write("virtio-net: dropped a received frame of bad length ", (ulong)n);
+            _core.Log?.Write("virtio-net: dropped a received frame of bad length ", (ulong)n);
             return true;
         }
         _rxLength = n;
@@ -492,7 +474,7 @@ public sealed class VirtioNet : IVirtioDevice
                 return DeliverResult.NoBuffers;
             if (result == PopResult.BrokenRing)
             {
-                _runtime.MarkBroken(_interrupt, RxQueueIndex);
+                _core.MarkBroken(_core.Interrupt, RxQueueIndex);
                 return DeliverResult.Broken;
             }
             if (result == PopResult.Chain && chain.WritableLength >= HeaderSize)
@@ -500,7 +482,7 @@ public sealed class VirtioNet : IVirtioDevice
                 _rxChainHeld = true;
                 break;
             }
-            _runtime.BadChain(chain.Head, result == PopResult.Chain ? "receive chain has no room for the header" : "receive chain is malformed or outside RAM");
+            _core.BadChain(chain.Head, result == PopResult.Chain ? "receive chain has no room for the header" : "receive chain is malformed or outside RAM");
             if (!AddUsed(queue, memory, chain.Head, 0, ref used))
                 return DeliverResult.Broken;
         }
@@ -510,7 +492,7 @@ public sealed class VirtioNet : IVirtioDevice
             // The guest posted buffers too small for this frame (it did not negotiate the GSO it
             // would need, or shrank its buffers): drop the frame, keep the chain for the next.
             Interlocked.Increment(ref _rxDropped);
-            _log?.Write("virtio-net: received frame larger than the guest's buffer, dropped: ", (ulong)_rxLength);
+            _core.Log?.Write("virtio-net: received frame larger than the guest's buffer, dropped: ", (ulong)_rxLength);
             _rxLength = 0;
             return DeliverResult.Done;
         }
@@ -546,7 +528,7 @@ public sealed class VirtioNet : IVirtioDevice
                 // Every descriptor the driver can give us is held and the frame still does not
                 // fit (tiny buffers): it never will. Give the buffers back empty, drop the frame.
                 Interlocked.Increment(ref _rxDropped);
-                _log?.Write("virtio-net: received frame larger than the whole receive ring, dropped: ", (ulong)_rxLength);
+                _core.Log?.Write("virtio-net: received frame larger than the whole receive ring, dropped: ", (ulong)_rxLength);
                 for (int i = 0; i < _rxUsedCount; i++)
                     _rxUsed[i].Length = 0;
                 _rxLength = 0;
@@ -557,13 +539,13 @@ public sealed class VirtioNet : IVirtioDevice
                 return DeliverResult.NoBuffers;
             if (result == PopResult.BrokenRing)
             {
-                _runtime.MarkBroken(_interrupt, RxQueueIndex);
+                _core.MarkBroken(_core.Interrupt, RxQueueIndex);
                 return DeliverResult.Broken;
             }
             bool first = _rxUsedCount == 0;
             if (result != PopResult.Chain || chain.WritableLength < (first ? HeaderSize : 1) || (first && !FindNumBuffers(chain)))
             {
-                _runtime.BadChain(chain.Head, result == PopResult.Chain ? "receive chain has no room for the header" : "receive chain is malformed or outside RAM");
+                _core.BadChain(chain.Head, result == PopResult.Chain ? "receive chain has no room for the header" : "receive chain is malformed or outside RAM");
                 if (first)
                 {
                     if (!AddUsed(queue, memory, chain.Head, 0, ref used))
@@ -643,7 +625,7 @@ public sealed class VirtioNet : IVirtioDevice
         _rxDeferredBadCount = 0;
         if (!ok || !queue.TryPublishUsed(memory))
         {
-            _runtime.MarkBroken(_interrupt, RxQueueIndex);
+            _core.MarkBroken(_core.Interrupt, RxQueueIndex);
             return false;
         }
         return true;
@@ -653,7 +635,7 @@ public sealed class VirtioNet : IVirtioDevice
     {
         if (!queue.TryAddUsed(memory, head, length))
         {
-            _runtime.MarkBroken(_interrupt, RxQueueIndex);
+            _core.MarkBroken(_core.Interrupt, RxQueueIndex);
             return false;
         }
         used = true;

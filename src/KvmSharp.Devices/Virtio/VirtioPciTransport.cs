@@ -332,7 +332,18 @@ public sealed class VirtioPciTransport : IPciDevice, IVirtioInterrupt, IVirtioTr
         }
     }
 
-    private VirtQueue? SelectedQueueLocked => _queueSelect < _core.Queues.Length ? _core.Queues[_queueSelect] : null;
+    private VirtQueue? SelectedQueueLocked => _core.Queue(_queueSelect);
+
+    /// <summary>The queue address half at common-configuration <paramref name="offset"/> (low at the field, high 4 bytes on).</summary>
+    private static VirtioQueueRegister AddressHalf(int offset) => offset switch
+    {
+        queue_desc => VirtioQueueRegister.DescLow,
+        queue_desc + 4 => VirtioQueueRegister.DescHigh,
+        queue_driver => VirtioQueueRegister.DriverLow,
+        queue_driver + 4 => VirtioQueueRegister.DriverHigh,
+        queue_device => VirtioQueueRegister.DeviceLow,
+        _ => VirtioQueueRegister.DeviceHigh,
+    };
 
     private void CommonRead(int offset, Span<byte> data)
     {
@@ -351,19 +362,18 @@ public sealed class VirtioPciTransport : IPciDevice, IVirtioInterrupt, IVirtioTr
             case (device_status, 1): value = _core.Status; break;
             case (config_generation, 1): value = (byte)Volatile.Read(ref _configGeneration); break;
             case (queue_select, 2): value = _queueSelect; break;
-            case (queue_size, 2): value = q?.Size ?? 0u; break; // 0: queue unavailable (§4.1.4.3.2)
+            case (queue_size, 2): value = _core.ReadQueueRegister(_queueSelect, VirtioQueueRegister.Size); break; // 0: unavailable (§4.1.4.3.2)
             case (queue_msix_vector, 2): value = q is null ? NoVector : _queueVectors[_queueSelect]; break;
             case (queue_enable, 2): value = q?.Ready == true ? 1u : 0u; break;
             case (queue_notify_off, 2): value = q is null ? 0u : _queueSelect; break;
-            case (queue_desc, 4): value = (uint)(q?.DescriptorTable.Value ?? 0); break;
-            case (queue_desc + 4, 4): value = (uint)((q?.DescriptorTable.Value ?? 0) >> 32); break;
-            case (queue_driver, 4): value = (uint)(q?.AvailableRing.Value ?? 0); break;
-            case (queue_driver + 4, 4): value = (uint)((q?.AvailableRing.Value ?? 0) >> 32); break;
-            case (queue_device, 4): value = (uint)(q?.UsedRing.Value ?? 0); break;
-            case (queue_device + 4, 4): value = (uint)((q?.UsedRing.Value ?? 0) >> 32); break;
-            case (queue_desc, 8): BinaryPrimitives.WriteUInt64LittleEndian(data, q?.DescriptorTable.Value ?? 0); return;
-            case (queue_driver, 8): BinaryPrimitives.WriteUInt64LittleEndian(data, q?.AvailableRing.Value ?? 0); return;
-            case (queue_device, 8): BinaryPrimitives.WriteUInt64LittleEndian(data, q?.UsedRing.Value ?? 0); return;
+            case (queue_desc or queue_driver or queue_device or queue_desc + 4 or queue_driver + 4 or queue_device + 4, 4):
+                value = _core.ReadQueueRegister(_queueSelect, AddressHalf(offset));
+                break;
+            case (queue_desc or queue_driver or queue_device, 8):
+                VirtioQueueRegister low = AddressHalf(offset);
+                BinaryPrimitives.WriteUInt32LittleEndian(data, _core.ReadQueueRegister(_queueSelect, low));
+                BinaryPrimitives.WriteUInt32LittleEndian(data[4..], _core.ReadQueueRegister(_queueSelect, low + 1));
+                return;
             default: return; // reserved or mis-sized: reads 0
         }
         for (int i = 0; i < data.Length; i++)
@@ -376,7 +386,6 @@ public sealed class VirtioPciTransport : IPciDevice, IVirtioInterrupt, IVirtioTr
         for (int i = 0; i < data.Length && i < 8; i++)
             value |= (ulong)data[i] << (8 * i);
         VirtQueue? q = SelectedQueueLocked;
-        bool configurable = q is not null && _core.QueueConfigurable;
         switch (offset, data.Length)
         {
             case (device_feature_select, 4): _core.DeviceFeaturesSelect = (uint)value; break;
@@ -396,24 +405,23 @@ public sealed class VirtioPciTransport : IPciDevice, IVirtioInterrupt, IVirtioTr
                 }
                 break;
             case (queue_select, 2): _queueSelect = (ushort)value; break;
-            case (queue_size, 2): if (configurable) q!.Size = (ushort)value; break;
+            case (queue_size, 2): _core.WriteQueueRegister(_queueSelect, VirtioQueueRegister.Size, (uint)value); break;
             case (queue_msix_vector, 2):
                 if (q is not null)
                     _queueVectors[_queueSelect] = value < (ulong)_msix.VectorCount ? (ushort)value : NoVector;
                 break;
             case (queue_enable, 2):
                 // §4.1.4.3.2: the driver writes 1 only; 0 is not a way to disable a queue.
-                if (configurable && value == 1) q!.Ready = true;
+                if (value == 1 && _core.TryGetConfigurableQueue(_queueSelect, out VirtQueue? ready))
+                    ready.Ready = true;
                 break;
-            case (queue_desc, 4): if (configurable) q!.DescriptorTable = new((q.DescriptorTable.Value & ~0xFFFF_FFFFUL) | value); break;
-            case (queue_desc + 4, 4): if (configurable) q!.DescriptorTable = new((q.DescriptorTable.Value & 0xFFFF_FFFFUL) | value << 32); break;
-            case (queue_driver, 4): if (configurable) q!.AvailableRing = new((q.AvailableRing.Value & ~0xFFFF_FFFFUL) | value); break;
-            case (queue_driver + 4, 4): if (configurable) q!.AvailableRing = new((q.AvailableRing.Value & 0xFFFF_FFFFUL) | value << 32); break;
-            case (queue_device, 4): if (configurable) q!.UsedRing = new((q.UsedRing.Value & ~0xFFFF_FFFFUL) | value); break;
-            case (queue_device + 4, 4): if (configurable) q!.UsedRing = new((q.UsedRing.Value & 0xFFFF_FFFFUL) | value << 32); break;
-            case (queue_desc, 8): if (configurable) q!.DescriptorTable = new(value); break;
-            case (queue_driver, 8): if (configurable) q!.AvailableRing = new(value); break;
-            case (queue_device, 8): if (configurable) q!.UsedRing = new(value); break;
+            case (queue_desc or queue_driver or queue_device or queue_desc + 4 or queue_driver + 4 or queue_device + 4, 4):
+                _core.WriteQueueRegister(_queueSelect, AddressHalf(offset), (uint)value);
+                break;
+            case (queue_desc or queue_driver or queue_device, 8):
+                _core.WriteQueueRegister(_queueSelect, AddressHalf(offset), (uint)value);
+                _core.WriteQueueRegister(_queueSelect, AddressHalf(offset) + 1, (uint)(value >> 32));
+                break;
             default: break; // read-only, reserved or mis-sized
         }
     }

@@ -1,3 +1,4 @@
+using System.Diagnostics.CodeAnalysis;
 using KvmSharp.Memory;
 
 namespace KvmSharp.Devices.Virtio;
@@ -98,6 +99,59 @@ internal sealed class VirtioTransportCore
     /// <summary>Queue setup is allowed after FEATURES_OK and before DRIVER_OK (§3.1.1 steps 7-8).</summary>
     public bool QueueConfigurable =>
         HasStatus(VirtioDeviceStatus.FEATURES_OK) && !HasStatus(VirtioDeviceStatus.DRIVER_OK) && !HasStatus(VirtioDeviceStatus.FAILED);
+
+    /// <summary>Queue <paramref name="index"/> (the transport's queue select), or null when there is none.</summary>
+    public VirtQueue? Queue(uint index) => index < (uint)Queues.Length ? Queues[index] : null;
+
+    /// <summary>Queue <paramref name="index"/> when its registers may be written (<see cref="QueueConfigurable"/>).</summary>
+    public bool TryGetConfigurableQueue(uint index, [NotNullWhen(true)] out VirtQueue? queue)
+    {
+        queue = Queue(index);
+        return queue is not null && QueueConfigurable;
+    }
+
+    /// <summary>Reads a queue register of queue <paramref name="index"/>; 0 for a queue that does
+    /// not exist (§4.1.4.3.2, §4.2.2.1: size 0 means "not available").</summary>
+    public uint ReadQueueRegister(uint index, VirtioQueueRegister register)
+    {
+        if (Queue(index) is not { } q)
+            return 0;
+        return register switch
+        {
+            VirtioQueueRegister.Size => q.Size,
+            VirtioQueueRegister.DescLow => (uint)q.DescriptorTable.Value,
+            VirtioQueueRegister.DescHigh => (uint)(q.DescriptorTable.Value >> 32),
+            VirtioQueueRegister.DriverLow => (uint)q.AvailableRing.Value,
+            VirtioQueueRegister.DriverHigh => (uint)(q.AvailableRing.Value >> 32),
+            VirtioQueueRegister.DeviceLow => (uint)q.UsedRing.Value,
+            _ => (uint)(q.UsedRing.Value >> 32),
+        };
+    }
+
+    /// <summary>
+    /// Applies a driver write to a queue register of queue <paramref name="index"/>: ignored for
+    /// a queue that does not exist and outside the §3.1.1 window (after FEATURES_OK, before
+    /// DRIVER_OK). The size is validated later, at queue enable and DRIVER_OK.
+    /// </summary>
+    public void WriteQueueRegister(uint index, VirtioQueueRegister register, uint value)
+    {
+        if (!TryGetConfigurableQueue(index, out VirtQueue? q))
+            return;
+        switch (register)
+        {
+            case VirtioQueueRegister.Size: q.Size = (ushort)Math.Min(value, ushort.MaxValue); break;
+            case VirtioQueueRegister.DescLow: q.DescriptorTable = new GuestAddress(SetLow(q.DescriptorTable.Value, value)); break;
+            case VirtioQueueRegister.DescHigh: q.DescriptorTable = new GuestAddress(SetHigh(q.DescriptorTable.Value, value)); break;
+            case VirtioQueueRegister.DriverLow: q.AvailableRing = new GuestAddress(SetLow(q.AvailableRing.Value, value)); break;
+            case VirtioQueueRegister.DriverHigh: q.AvailableRing = new GuestAddress(SetHigh(q.AvailableRing.Value, value)); break;
+            case VirtioQueueRegister.DeviceLow: q.UsedRing = new GuestAddress(SetLow(q.UsedRing.Value, value)); break;
+            default: q.UsedRing = new GuestAddress(SetHigh(q.UsedRing.Value, value)); break;
+        }
+    }
+
+    private static ulong SetLow(ulong current, uint low) => (current & 0xFFFF_FFFF_0000_0000UL) | low;
+
+    private static ulong SetHigh(ulong current, uint high) => (current & 0xFFFF_FFFFUL) | ((ulong)high << 32);
 
     /// <summary>Applies a driver write of the status byte.</summary>
     /// <returns>True when the write was a reset (status 0); the transport then resets its own state.</returns>
