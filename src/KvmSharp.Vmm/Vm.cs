@@ -12,8 +12,8 @@ using KvmSharp.Memory;
 using KvmSharp.Vmm.Console;
 using KvmSharp.Vmm.Cpu;
 using KvmSharp.Vmm.Pci;
-using KvmSharp.Vmm.Virtio;
 using KvmSharp.Vmm.Pvm;
+using KvmSharp.Vmm.Virtio;
 
 namespace KvmSharp.Vmm;
 
