@@ -13,6 +13,7 @@ using KvmSharp.Vmm.Console;
 using KvmSharp.Vmm.Cpu;
 using KvmSharp.Vmm.Pci;
 using KvmSharp.Vmm.Pvm;
+using KvmSharp.Vmm.Virtio;
 
 namespace KvmSharp.Vmm;
 
@@ -44,6 +45,7 @@ public sealed class Vm : IDisposable
     private ConsoleInput? _input;
     private Timer? _pvmPoller;
     private EventLoop? _eventLoop;
+    private VirtioNotifier? _virtioNotifier;
     private ulong _nextBar = PlatformLayout.Pci32WindowStart;
     private int _nextSlot = 1;
     private VirtioConsole? _virtioConsole;
@@ -280,7 +282,7 @@ public sealed class Vm : IDisposable
         }
 
         Func<ReadOnlySpan<byte>, int> deliver = _virtioConsole is { } hvc ? data => hvc.EnqueueInput(data) : data => _serial.EnqueueInput(data);
-        _input = new ConsoleInput(consoleInFd, deliver, () => RequestStop(VmExit.Of(VmExitKind.UserQuit, "quit from the console (Ctrl-A x)")));
+        _input = new ConsoleInput(consoleInFd, EventLoop, deliver, () => RequestStop(VmExit.Of(VmExitKind.UserQuit, "quit from the console (Ctrl-A x)")));
     }
 
     /// <summary>
@@ -295,8 +297,8 @@ public sealed class Vm : IDisposable
             PlatformLayout.Pm1aEventBlock, PlatformLayout.AcpiPmPortCount);
         var reset = new ResetControl(() => RequestStop(VmExit.Of(VmExitKind.GuestReboot, "guest reset through the ACPI reset register")));
 
-        var notifier = new VirtioNotifier(_vmFd, EventLoop, _diagnostics);
-        _owned.Add(notifier);
+        var notifier = new VirtioNotifier();
+        _virtioNotifier = notifier;
         var pci = new PciRoot(MmioBus, PioBus, notifier);
         PioBus.Insert(reset.CombineWithPciConfigIo(pci.ConfigIo), PciRoot.ConfigIoBase, PciRoot.ConfigIoLength);
         MmioBus.Insert(pci.Ecam, PlatformLayout.EcamBase, PlatformLayout.EcamSize);
@@ -311,11 +313,13 @@ public sealed class Vm : IDisposable
     private void AddVirtioDevices(List<IBlockDevice> disks)
     {
         if (Config.Rng)
-            AddVirtio(new VirtioRng());
+            AddVirtio(new VirtioRng(log: _log));
         for (int i = 0; i < Config.Disks.Count; i++)
         {
             var d = Config.Disks[i];
-            AddVirtio(new VirtioBlock(disks[i], d.Serial, d.ReadOnly, log: _log));
+            var blk = new VirtioBlock(disks[i], d.Serial, d.ReadOnly, log: _log);
+            _owned.Insert(0, blk); // its worker stops before the disks close
+            AddVirtio(blk);
         }
         if (Config.BalloonMiB is { } balloonMiB)
         {
@@ -366,9 +370,13 @@ public sealed class Vm : IDisposable
         var irq = new IrqfdLine(Libc.EventFd(), gsi);
         _owned.Add(irq);
         _vmFd.RegisterIrqfd(irq.Fd, gsi);
-        var transport = new VirtioMmioTransport(device, Memory, irq);
+        var events = new VirtioQueueEvents(_vmFd, EventLoop, device.QueueCount, _diagnostics);
+        _owned.Add(events);
+        var transport = new VirtioMmioTransport(device, Memory, irq, events);
+        events.Attach(transport);
+        // One QueueNotify register for all queues: the written value is the queue index (virtio 1.2 §4.2.2).
+        events.AssignIoeventfds(address + VirtioMmioTransport.QueueNotifyOffset, stride: 0, width: 4, matchQueueIndex: true);
         MmioBus.Insert(transport, address, VirtioMmioTransport.RegionSize);
-        _owned.Add(new VirtioMmioKicks(_vmFd, EventLoop, transport, address, _diagnostics));
         _mmioCommandLine += $" virtio_mmio.device=4K@0x{address:x}:{gsi}";
     }
 
@@ -378,7 +386,12 @@ public sealed class Vm : IDisposable
         ulong bar2 = AllocateBar(MsixTable.RegionSize);
         int slot = _nextSlot++; // 00:00.0 is the host bridge
         var intx = new KvmLevelLine(_vmFd, (uint)PlatformLayout.PciIntxGsi(slot, 0));
-        pci.AddDevice(new VirtioPciTransport(device, Memory, msi, intx, bar0, bar2), slot);
+        var events = new VirtioQueueEvents(_vmFd, EventLoop, device.QueueCount, _diagnostics);
+        _owned.Add(events);
+        var transport = new VirtioPciTransport(device, Memory, msi, intx, events, bar0, bar2);
+        events.Attach(transport);
+        _virtioNotifier!.Track(transport, events); // its ioeventfds follow BAR 0
+        pci.AddDevice(transport, slot);
     }
 
     private ulong AllocateBar(ulong size)

@@ -84,7 +84,7 @@ public sealed class HostileInputTests : IDisposable
         var mmio = new Bus();
         var pio = new Bus();
         var root = new PciRoot(mmio, pio);
-        var device = new VirtioPciTransport(new FakeVirtioDevice(), _memory, new RecordingMsiSink(), new RecordingLevelLine(),
+        var device = TestTransports.Pci(new FakeVirtioDevice(), _memory, new RecordingMsiSink(), new RecordingLevelLine(),
             0xE000_0000, 0xE000_4000);
         int slot = root.AddDevice(device);
         var random = new Random(seed);
@@ -113,12 +113,12 @@ public sealed class HostileInputTests : IDisposable
     [InlineData(2)]
     public void VirtioTransports_SurviveRandomRegisterAccesses(int seed)
     {
-        var mmio = new VirtioMmioTransport(new VirtioRng(16), _memory, new CountingLine());
+        var mmio = TestTransports.Mmio(new VirtioRng(16), _memory, new CountingLine());
         Hammer(mmio, VirtioMmioTransport.RegionSize, seed, 50_000);
 
         var mmioBus = new Bus();
         var root = new PciRoot(mmioBus, new Bus());
-        var pci = new VirtioPciTransport(new VirtioRng(16), _memory, new RecordingMsiSink(), new RecordingLevelLine(),
+        var pci = TestTransports.Pci(new VirtioRng(16), _memory, new RecordingMsiSink(), new RecordingLevelLine(),
             0xE000_0000, 0xE000_4000);
         root.AddDevice(pci);
         pci.Config.SetUInt16(PciConfigSpace.COMMAND, PciConfigSpace.COMMAND_MEMORY);

@@ -2,79 +2,18 @@ using KvmSharp.Memory;
 
 namespace KvmSharp.Devices.Virtio;
 
-/// <summary>Device IDs (virtio 1.2 §5, "Device Types").</summary>
-public static class VirtioDeviceType
-{
-    public const uint Net = 1;
-    public const uint Block = 2;
-    public const uint Console = 3;
-    public const uint Entropy = 4;
-    public const uint Balloon = 5;
-    public const uint Vsock = 19;
-}
-
-/// <summary>Device-independent feature bits (virtio 1.2 §6, "Reserved Feature Bits").</summary>
-public static class VirtioFeatures
-{
-    public const ulong RING_INDIRECT_DESC = 1UL << 28;
-    public const ulong RING_EVENT_IDX = 1UL << 29;
-    public const ulong VERSION_1 = 1UL << 32;
-    public const ulong ACCESS_PLATFORM = 1UL << 33;
-    public const ulong RING_PACKED = 1UL << 34;
-    public const ulong IN_ORDER = 1UL << 35;
-    public const ulong ORDER_PLATFORM = 1UL << 36;
-    public const ulong SR_IOV = 1UL << 37;
-    public const ulong NOTIFICATION_DATA = 1UL << 38;
-    public const ulong RING_RESET = 1UL << 40;
-}
-
-/// <summary>Device status bits (virtio 1.2 §2.1).</summary>
-public static class VirtioDeviceStatus
-{
-    public const byte ACKNOWLEDGE = 1;
-    public const byte DRIVER = 2;
-    public const byte DRIVER_OK = 4;
-    public const byte FEATURES_OK = 8;
-    public const byte DEVICE_NEEDS_RESET = 64;
-    public const byte FAILED = 128;
-}
-
-/// <summary>What a device tells the driver through <see cref="IVirtioInterrupt.Signal"/>.</summary>
-public enum VirtioInterruptType
-{
-    /// <summary>The device added buffers to a queue's used ring.</summary>
-    Queue,
-
-    /// <summary>The device configuration space changed (or DEVICE_NEEDS_RESET was set).</summary>
-    Config,
-}
-
-/// <summary>
-/// The interrupt path from a device to its driver, supplied by the transport: an INTx-style line
-/// with an interrupt status register (virtio-mmio) or per-queue MSI-X vectors (virtio-pci).
-/// Thread-safe; called from the device's worker thread.
-/// </summary>
-/// <remarks>Takes no lock that a transport holds while calling into its device, so a device may
-/// signal while holding its own lock.</remarks>
-public interface IVirtioInterrupt
-{
-    /// <summary>Interrupts the driver. <paramref name="queueIndex"/> is ignored for
-    /// <see cref="VirtioInterruptType.Config"/>.</summary>
-    void Signal(VirtioInterruptType type, int queueIndex);
-}
-
 /// <summary>
 /// A virtio device model (blk, net, rng, …) as transports see it (firecracker VirtioDevice,
 /// Cloud Hypervisor virtio-devices VirtioDevice). Transport-independent: the same device can sit
-/// behind virtio-pci or virtio-mmio. Never sees a KVM fd: queue kicks arrive through
-/// <see cref="QueueNotify"/> or, when the VMM registered an ioeventfd, through the VMM's event loop.
+/// behind virtio-pci or virtio-mmio. Never sees a KVM fd: every queue kick reaches
+/// <see cref="QueueNotify"/> on the VMM's I/O thread (the queue's eventfd, signalled by KVM's
+/// ioeventfd or by the transport through <see cref="IVirtioQueueNotifier"/>).
 /// </summary>
 /// <remarks>
 /// Config-space, <see cref="Activate"/> and <see cref="Reset"/> calls come from vCPU threads
 /// under the transport's lock, so they must be short and must not wait for the device's worker.
-/// <see cref="QueueNotify"/> comes without the transport's lock and may race with
-/// <see cref="Reset"/>: a notification for a device that is not running is ignored. Queue
-/// processing belongs on the I/O thread.
+/// <see cref="QueueNotify"/> comes from the I/O thread only, without the transport's lock, and
+/// may race with <see cref="Reset"/>: a notification for a device that is not running is ignored.
 /// </remarks>
 public interface IVirtioDevice
 {
@@ -116,7 +55,10 @@ public interface IVirtioDevice
     /// </summary>
     bool Broken => false;
 
-    /// <summary>The driver notified queue <paramref name="queueIndex"/> through the transport's
-    /// notify register (no ioeventfd was registered). Must not block: wake the worker.</summary>
-    void QueueNotify(int queueIndex);
+    /// <summary>The driver notified queue <paramref name="queueIndex"/> (virtio 1.2 §2.9). Called
+    /// on the VMM's I/O thread, which also serves the network and the console: must not block, so
+    /// a device whose work can (disk I/O, fsync) hands it to its own worker.</summary>
+    /// <returns>True when a budget ran out with work left that no new kick will announce: the
+    /// caller calls again after its other ready events.</returns>
+    bool QueueNotify(int queueIndex);
 }

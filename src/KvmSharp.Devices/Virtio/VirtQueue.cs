@@ -97,10 +97,19 @@ public sealed class VirtQueue
     /// two between 1 and <see cref="MaxQueueSize"/>.</exception>
     public VirtQueue(ushort maxSize)
     {
-        if (maxSize == 0 || maxSize > MaxQueueSize || !BitOperations.IsPow2((uint)maxSize))
-            throw new ArgumentOutOfRangeException(nameof(maxSize), maxSize, "A queue size must be a power of two up to 32768.");
+        ValidateMaxSize(maxSize);
         MaxSize = maxSize;
         Size = maxSize;
+    }
+
+    /// <summary>Checks a device's queue size before it builds anything sized by it (§2.7: a
+    /// power of two, at most 32768).</summary>
+    /// <exception cref="ArgumentOutOfRangeException"><paramref name="maxSize"/> is not a power of
+    /// two between 1 and <see cref="MaxQueueSize"/>.</exception>
+    public static void ValidateMaxSize(ushort maxSize, [System.Runtime.CompilerServices.CallerArgumentExpression(nameof(maxSize))] string? name = null)
+    {
+        if (maxSize == 0 || maxSize > MaxQueueSize || !BitOperations.IsPow2((uint)maxSize))
+            throw new ArgumentOutOfRangeException(name, maxSize, "A queue size must be a power of two up to 32768.");
     }
 
     /// <summary>The largest size the device offers (queue_size as read by the driver at reset).</summary>

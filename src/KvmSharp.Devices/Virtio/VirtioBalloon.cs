@@ -67,12 +67,11 @@ public sealed class VirtioBalloon : IVirtioDevice
 
     private readonly ushort _queueSize;
     private readonly bool _deflateOnOom;
-    private readonly RateLimitedLog? _log;
 
     // Guards everything below.
     private readonly Lock _lock = new();
     private readonly DescriptorChain _chain;
-    private readonly VirtioDeviceRuntime _runtime;
+    private readonly VirtioDeviceCore _core;
     private readonly ChainHandler _inflate, _deflate;
     private readonly uint[] _pfns = new uint[256];
     private readonly VirtioBalloonStat[] _stats = new VirtioBalloonStat[MaxStats];
@@ -82,9 +81,6 @@ public sealed class VirtioBalloon : IVirtioDevice
     private ushort _statsHead;
     private uint _targetPages;
     private uint _actualPages;
-    private GuestMemory? _memory;
-    private IReadOnlyList<VirtQueue>? _queues;
-    private IVirtioInterrupt? _interrupt;
     private bool _statsNegotiated;
 
     private long _inflatedPages;
@@ -100,12 +96,11 @@ public sealed class VirtioBalloon : IVirtioDevice
     /// <exception cref="ArgumentOutOfRangeException"><paramref name="queueSize"/> is invalid.</exception>
     public VirtioBalloon(ushort queueSize = 128, bool deflateOnOom = true, RateLimitedLog? log = null)
     {
-        _ = new VirtQueue(queueSize); // validates the size
+        VirtQueue.ValidateMaxSize(queueSize);
         _queueSize = queueSize;
         _deflateOnOom = deflateOnOom;
-        _log = log;
         _chain = new DescriptorChain(queueSize);
-        _runtime = new VirtioDeviceRuntime("virtio-balloon", log);
+        _core = new VirtioDeviceCore("virtio-balloon", QueueCount, log);
         _inflate = Inflate;
         _deflate = Deflate;
     }
@@ -154,13 +149,13 @@ public sealed class VirtioBalloon : IVirtioDevice
     public long DiscardFailures => Interlocked.Read(ref _discardFailures);
 
     /// <summary>Malformed chains returned with length 0.</summary>
-    public long BadChains => _runtime.BadChains;
+    public long BadChains => _core.BadChains;
 
     /// <summary>Stats buffers received since creation.</summary>
     public long StatsUpdates => Interlocked.Read(ref _statsUpdates);
 
     /// <summary>True after the driver corrupted a ring; cleared by reset.</summary>
-    public bool Broken => _runtime.Broken;
+    public bool Broken => _core.Broken;
 
     /// <summary>The statistics of the last stats buffer, in the driver's order (a copy).</summary>
     public IReadOnlyList<VirtioBalloonStat> Stats
@@ -205,7 +200,7 @@ public sealed class VirtioBalloon : IVirtioDevice
             if (_targetPages == pages)
                 return;
             _targetPages = pages;
-            _interrupt?.Signal(VirtioInterruptType.Config, 0);
+            _core.Interrupt?.Signal(VirtioInterruptType.Config, 0);
         }
     }
 
@@ -220,13 +215,12 @@ public sealed class VirtioBalloon : IVirtioDevice
     {
         lock (_lock)
         {
-            if (!_statsHeld || _memory is not { } memory || _queues is not { } queues || _interrupt is not { } interrupt || Broken)
+            if (!_statsHeld || !_core.TryGetQueue(StatsQueue, out VirtQueue? queue, out GuestMemory? memory, out IVirtioInterrupt? interrupt))
                 return false;
-            VirtQueue queue = queues[StatsQueue];
             _statsHeld = false;
             if (!queue.TryAddUsed(memory, _statsHead, 0))
             {
-                _runtime.MarkBroken(interrupt, StatsQueue);
+                _core.MarkBroken(interrupt, StatsQueue);
                 return false;
             }
             if (queue.NeedsNotification(memory))
@@ -273,20 +267,14 @@ public sealed class VirtioBalloon : IVirtioDevice
     /// <inheritdoc/>
     public bool Activate(GuestMemory memory, ulong negotiatedFeatures, IReadOnlyList<VirtQueue> queues, IVirtioInterrupt interrupt)
     {
-        ArgumentNullException.ThrowIfNull(memory);
-        ArgumentNullException.ThrowIfNull(queues);
-        ArgumentNullException.ThrowIfNull(interrupt);
         bool stats = (negotiatedFeatures & VirtioBalloonFeatures.STATS_VQ) != 0;
-        if (queues.Count != QueueCount || !queues[InflateQueue].Ready || !queues[DeflateQueue].Ready)
-            return false;
         lock (_lock)
         {
-            _memory = memory;
-            _queues = queues;
-            _interrupt = interrupt;
+            // Inflate and deflate are the device's function; statsq only with STATS_VQ.
+            if (!_core.Activate(memory, negotiatedFeatures, queues, interrupt, requiredQueues: 2))
+                return false;
             _statsNegotiated = stats && queues[StatsQueue].Ready;
             _statsHeld = false;
-            _runtime.ClearBroken();
         }
         return true;
     }
@@ -297,38 +285,34 @@ public sealed class VirtioBalloon : IVirtioDevice
     {
         lock (_lock)
         {
-            _memory = null;
-            _queues = null;
-            _interrupt = null;
+            _core.Reset();
             _statsNegotiated = false;
             _statsHeld = false;
-            _runtime.ClearBroken();
             _actualPages = 0;
         }
     }
 
     /// <inheritdoc/>
-    public void QueueNotify(int queueIndex)
+    public bool QueueNotify(int queueIndex)
     {
         lock (_lock)
         {
-            if (_memory is not { } memory || _queues is not { } queues || _interrupt is not { } interrupt || Broken)
-                return;
             switch (queueIndex)
             {
                 case InflateQueue:
-                    _runtime.Drain(queues[InflateQueue], InflateQueue, memory, interrupt, _chain, _inflate);
+                    _core.Serve(InflateQueue, _chain, _inflate);
                     break;
                 case DeflateQueue:
-                    _runtime.Drain(queues[DeflateQueue], DeflateQueue, memory, interrupt, _chain, _deflate);
+                    _core.Serve(DeflateQueue, _chain, _deflate);
                     break;
-                case StatsQueue when _statsNegotiated:
-                    ProcessStats(memory, queues[StatsQueue], interrupt);
+                case StatsQueue when _statsNegotiated && _core.TryGetQueue(StatsQueue, out VirtQueue? queue, out GuestMemory? memory, out IVirtioInterrupt? interrupt):
+                    ProcessStats(memory, queue, interrupt);
                     break;
                 default:
                     break;
             }
         }
+        return false;
     }
 
     /// <remarks>§5.5.6: the device writes nothing into inflate or deflate buffers.</remarks>
@@ -369,7 +353,7 @@ public sealed class VirtioBalloon : IVirtioDevice
         }
         Discard(memory, runStart, runPages);
         if (reader.Remaining != 0)
-            _log?.Write("virtio-balloon: inflate buffer length not a multiple of 4, head ", chain.Head);
+            _core.Log?.Write("virtio-balloon: inflate buffer length not a multiple of 4, head ", chain.Head);
         return 0;
     }
 
@@ -384,7 +368,7 @@ public sealed class VirtioBalloon : IVirtioDevice
         else
         {
             Interlocked.Increment(ref _discardFailures);
-            _log?.Write("virtio-balloon: discard failed at pfn ", startPfn);
+            _core.Log?.Write("virtio-balloon: discard failed at pfn ", startPfn);
         }
     }
 
@@ -398,7 +382,7 @@ public sealed class VirtioBalloon : IVirtioDevice
             {
                 if (result == PopResult.BrokenRing)
                 {
-                    _runtime.MarkBroken(interrupt, StatsQueue);
+                    _core.MarkBroken(interrupt, StatsQueue);
                     return;
                 }
                 if (_statsHeld)
@@ -406,7 +390,7 @@ public sealed class VirtioBalloon : IVirtioDevice
                     // An honest driver has one stats buffer; give an older one back rather than leak it.
                     if (!queue.TryAddUsed(memory, _statsHead, 0))
                     {
-                        _runtime.MarkBroken(interrupt, StatsQueue);
+                        _core.MarkBroken(interrupt, StatsQueue);
                         return;
                     }
                     _statsHeld = false;
@@ -419,7 +403,7 @@ public sealed class VirtioBalloon : IVirtioDevice
                 }
                 else
                 {
-                    _runtime.BadChain(_chain.Head);
+                    _core.BadChain(_chain.Head);
                 }
                 _statsHead = _chain.Head;
                 _statsHeld = true;

@@ -1,6 +1,4 @@
 using System.Buffers.Binary;
-using System.Diagnostics;
-using System.Runtime.InteropServices;
 using System.Text;
 using KvmSharp.Images;
 using KvmSharp.Interop;
@@ -26,99 +24,67 @@ public static class VirtioBlockFeatures
 
 /// <summary>
 /// virtio block device (virtio 1.2 §5.2) over a <see cref="IBlockDevice"/>: one request queue
-/// (or several with VIRTIO_BLK_F_MQ), IN/OUT/FLUSH/GET_ID/DISCARD/WRITE_ZEROES. Every request is validated (framing, direction,
-/// checked sector arithmetic, capacity) before the back end sees it, as firecracker
-/// <c>request.rs</c> <c>parse</c> does; a bad request gets VIRTIO_BLK_S_IOERR or _UNSUPP in its
-/// status byte, never an exception.
+/// (or several with VIRTIO_BLK_F_MQ), IN/OUT/FLUSH/GET_ID/DISCARD/WRITE_ZEROES. Each request goes
+/// parse → execute → complete: <see cref="BlockRequest.Parse"/> checks framing, type and sector
+/// range before the back end sees anything; a bad request gets VIRTIO_BLK_S_IOERR or _UNSUPP in
+/// its status byte, never an exception.
 /// </summary>
 /// <remarks>
-/// <para>Requests run synchronously on the thread that calls <see cref="QueueNotify"/> or
-/// <see cref="ProcessQueue"/> (the VMM's I/O thread when the queue's ioeventfd fires). Payload
-/// moves straight between the back end and guest memory when a buffer lies in one RAM region,
-/// otherwise through one preallocated bounce buffer: nothing is allocated per request.</para>
-/// <para>Framing does not depend on descriptor boundaries (§2.6.4): the header is the first 16
-/// readable bytes, the status the last writable byte.</para>
+/// <para><b>Threads.</b> <see cref="QueueNotify"/> (the VMM's I/O thread) only wakes the disk's
+/// worker thread, which pops, executes and completes the requests (used entry, then the interrupt
+/// once per batch), so a guest fsync storm or a qcow2 copy-on-write never stalls the network or
+/// the console. <see cref="ProcessQueue"/> is that worker's body (tests call it directly).</para>
+/// <para><b>Reset.</b> The worker holds the device lock for one request at a time (pop, I/O,
+/// status, used entry); <see cref="Reset"/> takes the same lock, so it waits for the request in
+/// flight, at most one, and once it returns the worker no longer touches guest memory.</para>
+/// <para>Payload moves straight between the back end and guest memory when a buffer lies in one
+/// RAM region, otherwise through one preallocated bounce buffer: nothing is allocated per
+/// request. Framing does not depend on descriptor boundaries (§2.6.4): the header is the first
+/// 16 readable bytes, the status the last writable byte.</para>
 /// <para>Cache mode: with VIRTIO_BLK_F_FLUSH negotiated the device is write-back and the driver
 /// sends FLUSH; without it every OUT/DISCARD/WRITE_ZEROES is followed by a back-end flush
 /// (§5.2.5.1, write-through).</para>
-/// <para>Threads: <see cref="ProcessQueue"/>, <see cref="Activate"/> and <see cref="Reset"/>
-/// serialise on one lock; the interrupt is signalled under it (it never blocks).</para>
 /// </remarks>
-public sealed class VirtioBlock : IVirtioDevice
+public sealed class VirtioBlock : IVirtioDevice, IDisposable
 {
     /// <summary>Sector unit of request headers and of the capacity field (§5.2.6: always 512).</summary>
-    public const int SectorSize = 512;
+    public const int SectorSize = BlockRequest.SectorSize;
 
     /// <summary>Length of the GET_ID answer (VIRTIO_BLK_ID_BYTES).</summary>
     public const int IdBytes = 20;
 
     /// <summary>Most sectors one DISCARD or WRITE_ZEROES segment may cover (64 MiB): bounds the
-    /// time one request holds the I/O thread.</summary>
+    /// time one request holds the device.</summary>
     public const uint MaxDiscardSectors = 1u << 17;
 
     /// <summary>Most segments in one DISCARD or WRITE_ZEROES request.</summary>
     public const int MaxDiscardSegments = 8;
 
-    /// <summary>Most request queues a device can have.</summary>
+    /// <summary>Most request queues a device can have (one pending bit each in the worker).</summary>
     public const int MaxQueues = 64;
 
-    // Request types (§5.2.6).
-    internal const uint VIRTIO_BLK_T_IN = 0;
-    internal const uint VIRTIO_BLK_T_OUT = 1;
-    internal const uint VIRTIO_BLK_T_FLUSH = 4;
-    internal const uint VIRTIO_BLK_T_GET_ID = 8;
-    internal const uint VIRTIO_BLK_T_DISCARD = 11;
-    internal const uint VIRTIO_BLK_T_WRITE_ZEROES = 13;
-
-    // Status values (§5.2.6).
-    internal const byte VIRTIO_BLK_S_OK = 0;
-    internal const byte VIRTIO_BLK_S_IOERR = 1;
-    internal const byte VIRTIO_BLK_S_UNSUPP = 2;
-
-    // virtio_blk_discard_write_zeroes.flags (§5.2.6).
-    private const uint VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1;
-
-    private const int HeaderSize = 16;
-    private const int DiscardSegmentSize = 16;
     private const int ConfigSize = 60; // through write_zeroes_may_unmap + unused1 (§5.2.4)
     private const int MaxDirectChunk = 1 << 20; // one back-end call per MiB of a direct buffer
     private const int BounceSize = 64 * 1024;
 
-    [StructLayout(LayoutKind.Sequential)]
-    private struct virtio_blk_outhdr
-    {
-        public uint type;
-        public uint reserved;
-        public ulong sector;
-    }
-
-    [StructLayout(LayoutKind.Sequential)]
-    private struct virtio_blk_discard_write_zeroes
-    {
-        public ulong sector;
-        public uint num_sectors;
-        public uint flags;
-    }
+    private static int s_workers;
 
     private readonly IBlockDevice _disk;
     private readonly bool _readOnly;
     private readonly ushort _queueSize;
     private readonly int _numQueues;
     private readonly byte[] _id = new byte[IdBytes];
-    private readonly RateLimitedLog? _log;
-
-    // Guards everything below.
+    
+    // Guards everything below. Held by the worker for one request at a time.
     private readonly Lock _lock = new();
     private readonly DescriptorChain _chain;
-    private readonly VirtioDeviceRuntime _runtime;
-    private readonly ChainHandler _execute;
+    private readonly VirtioDeviceCore _core;
     private readonly byte[] _bounce = new byte[BounceSize];
     private readonly NativeBuffer[] _iov;
-    private readonly virtio_blk_discard_write_zeroes[] _segments = new virtio_blk_discard_write_zeroes[MaxDiscardSegments];
-    private GuestMemory? _memory;
-    private IReadOnlyList<VirtQueue>? _queues;
-    private IVirtioInterrupt? _interrupt;
+    private readonly DiscardSegment[] _segments = new DiscardSegment[MaxDiscardSegments];
     private bool _writeThrough;
+    private BlockWorker? _worker;
+    private bool _disposed;
 
     private long _requests;
     private long _ioErrors;
@@ -142,7 +108,7 @@ public sealed class VirtioBlock : IVirtioDevice
     }
 
     /// <summary>Creates the device with <paramref name="numQueues"/> request queues
-    /// (VIRTIO_BLK_F_MQ when more than one). All queues are served on the notifying thread under
+    /// (VIRTIO_BLK_F_MQ when more than one). All queues are served by the disk's one worker under
     /// one lock, so more queues only spare the guest its own lock contention.</summary>
     /// <param name="disk">The back end; the device does not dispose it.</param>
     /// <param name="serial">GET_ID answer (see the other constructor).</param>
@@ -161,15 +127,13 @@ public sealed class VirtioBlock : IVirtioDevice
         ArgumentOutOfRangeException.ThrowIfLessThan(numQueues, 1);
         ArgumentOutOfRangeException.ThrowIfGreaterThan(numQueues, MaxQueues);
         _numQueues = numQueues;
-        _ = new VirtQueue(queueSize); // validates the size
+        VirtQueue.ValidateMaxSize(queueSize);
         _disk = disk;
         _readOnly = readOnly || disk.ReadOnly;
         _queueSize = queueSize;
         _chain = new DescriptorChain(queueSize);
         _iov = new NativeBuffer[queueSize];
-        _log = log;
-        _runtime = new VirtioDeviceRuntime("virtio-blk", log);
-        _execute = Execute;
+        _core = new VirtioDeviceCore("virtio-blk", numQueues, log);
         int n = Encoding.ASCII.GetBytes(serial.AsSpan(0, Math.Min(serial.Length, IdBytes)), _id);
         _id.AsSpan(n).Clear();
     }
@@ -216,7 +180,7 @@ public sealed class VirtioBlock : IVirtioDevice
     public long Unsupported => Interlocked.Read(ref _unsupported);
 
     /// <summary>Malformed chains and requests without a writable status byte (returned with length 0).</summary>
-    public long BadChains => _runtime.BadChains;
+    public long BadChains => _core.BadChains;
 
     /// <summary>Bytes read from the disk for the guest.</summary>
     public long BytesRead => Interlocked.Read(ref _bytesRead);
@@ -225,7 +189,7 @@ public sealed class VirtioBlock : IVirtioDevice
     public long BytesWritten => Interlocked.Read(ref _bytesWritten);
 
     /// <summary>True after the driver corrupted the ring; cleared by reset.</summary>
-    public bool Broken => _runtime.Broken;
+    public bool Broken => _core.Broken;
 
     /// <inheritdoc/>
     public ushort QueueMaxSize(int index) => _queueSize;
@@ -258,204 +222,161 @@ public sealed class VirtioBlock : IVirtioDevice
     /// <inheritdoc/>
     public bool Activate(GuestMemory memory, ulong negotiatedFeatures, IReadOnlyList<VirtQueue> queues, IVirtioInterrupt interrupt)
     {
-        ArgumentNullException.ThrowIfNull(memory);
-        ArgumentNullException.ThrowIfNull(queues);
-        ArgumentNullException.ThrowIfNull(interrupt);
         lock (_lock)
         {
             // The driver may use fewer queues than offered (Linux: at most one per CPU); the
             // unused ones are never made ready and are ignored.
-            if (queues.Count != _numQueues || !queues[0].Ready)
+            if (!_core.Activate(memory, negotiatedFeatures, queues, interrupt, requiredQueues: 1))
                 return false;
-            _memory = memory;
-            _queues = queues;
-            _interrupt = interrupt;
             _writeThrough = (negotiatedFeatures & VirtioBlockFeatures.FLUSH) == 0;
-            _runtime.ClearBroken();
         }
         return true;
     }
 
     /// <inheritdoc/>
+    /// <remarks>Waits for the request in flight, if any (see the class remarks).</remarks>
     public void Reset()
     {
         lock (_lock)
-        {
-            _memory = null;
-            _queues = null;
-            _interrupt = null;
-            _runtime.ClearBroken();
-        }
+            _core.Reset();
     }
 
     /// <inheritdoc/>
-    public void QueueNotify(int queueIndex)
+    /// <remarks>Wakes the disk's worker; never does I/O on the calling thread.</remarks>
+    public bool QueueNotify(int queueIndex)
     {
-        ProcessQueue(queueIndex);
+        if ((uint)queueIndex >= (uint)_numQueues)
+            return false;
+        BlockWorker? worker;
+        lock (_lock)
+            worker = _disposed ? null : _worker ??= new BlockWorker(ProcessQueue, $"blk{Interlocked.Increment(ref s_workers) - 1}");
+        worker?.Post(queueIndex);
+        return false;
     }
 
-    /// <summary>Serves every available request of queue <paramref name="queueIndex"/>, then
-    /// signals the driver if it wants it. Indices of absent or unused queues are ignored.</summary>
+    /// <summary>Blocks until the worker has served every kick that came before the call (for
+    /// pause and snapshot, and for tests).</summary>
+    public void WaitIdle() => Volatile.Read(ref _worker)?.WaitIdle();
+
+    /// <summary>
+    /// Serves every available request of queue <paramref name="queueIndex"/>, one request per
+    /// hold of the device lock, then signals the driver if it wants it. Runs on the worker;
+    /// indices of absent or unused queues are ignored.
+    /// </summary>
     public void ProcessQueue(int queueIndex = 0)
     {
-        lock (_lock)
+        bool used = false;
+        while (true)
         {
-            if (_queues is not { } queues || _memory is not { } memory || _interrupt is not { } interrupt || Broken)
-                return;
-            if ((uint)queueIndex >= (uint)queues.Count || !queues[queueIndex].Ready)
-                return;
-            _runtime.Drain(queues[queueIndex], queueIndex, memory, interrupt, _chain, _execute);
+            lock (_lock)
+            {
+                if (!_core.TryGetQueue(queueIndex, out VirtQueue? queue, out GuestMemory? memory, out IVirtioInterrupt? interrupt))
+                    return;
+                PopResult result = queue.TryPop(memory, _chain);
+                if (result == PopResult.Empty)
+                {
+                    // Ask for the next kick, then look once more: buffers added meanwhile may never be kicked (§2.7.10).
+                    if (queue.EnableNotification(memory))
+                        continue;
+                    if (used && queue.NeedsNotification(memory))
+                        interrupt.Signal(VirtioInterruptType.Queue, queueIndex);
+                    return;
+                }
+                uint written = 0;
+                if (result == PopResult.Chain)
+                    written = Execute(memory);
+                else if (result == PopResult.BadChain)
+                    _core.BadChain(_chain.Head);
+                if (result == PopResult.BrokenRing || !queue.TryAddUsed(memory, _chain.Head, written))
+                {
+                    _core.MarkBroken(interrupt, queueIndex);
+                    return;
+                }
+                used = true;
+            }
         }
     }
 
-    /// <summary>Runs the request in <see cref="_chain"/> and writes its status.</summary>
+    /// <summary>Stops the worker (after the request in flight).</summary>
+    public void Dispose()
+    {
+        BlockWorker? worker;
+        lock (_lock)
+        {
+            _disposed = true;
+            worker = _worker;
+        }
+        worker?.Dispose();
+    }
+
+    /// <summary>Parses, executes and writes the status of the request in <see cref="_chain"/>.</summary>
     /// <returns>The used length: payload bytes written into the guest plus the status byte, or 0
     /// when the chain has no writable byte to carry a status.</returns>
-    private uint Execute(GuestMemory memory, DescriptorChain chain)
+    private uint Execute(GuestMemory memory)
     {
-        Debug.Assert(chain == _chain);
-        // §5.2.6: the status is the last device-writable byte. Without one the driver cannot
-        // learn the outcome, so nothing is done.
-        ReadOnlySpan<ChainSegment> writable = _chain.Writable;
-        if (writable.Length == 0)
+        if (!BlockRequest.Parse(memory, _chain, CapacitySectors, _readOnly, _segments, MaxDiscardSectors, out BlockRequest request))
         {
-            _runtime.BadChain(_chain.Head, "request without a writable status byte");
+            _core.BadChain(_chain.Head, "request without a writable status byte");
             return 0;
         }
-        ChainSegment last = writable[^1];
-        var statusAddress = new GuestAddress(last.Address.Value + last.Length - 1);
-
         uint payload = 0;
-        byte status = Dispatch(memory, ref payload);
+        byte status = request.Status;
+        if (status == BlockRequest.VIRTIO_BLK_S_OK)
+            status = Run(memory, request, ref payload);
+        else
+            _core.Log?.Write(request.Error!, request.ErrorValue);
         Interlocked.Increment(ref _requests);
-        if (status == VIRTIO_BLK_S_IOERR)
+        if (status == BlockRequest.VIRTIO_BLK_S_IOERR)
             Interlocked.Increment(ref _ioErrors);
-        else if (status == VIRTIO_BLK_S_UNSUPP)
+        else if (status == BlockRequest.VIRTIO_BLK_S_UNSUPP)
             Interlocked.Increment(ref _unsupported);
-        if (!memory.TryWrite(statusAddress, status))
+        if (!memory.TryWrite(request.StatusAddress, status))
         {
-            _runtime.BadChain(_chain.Head, "status byte no longer in RAM");
+            _core.BadChain(_chain.Head, "status byte no longer in RAM");
             return 0;
         }
         return payload + 1;
     }
 
-    private byte Dispatch(GuestMemory memory, ref uint payload)
+    /// <summary>Executes a parsed request against the back end.</summary>
+    private byte Run(GuestMemory memory, in BlockRequest request, ref uint payload)
     {
-        var reader = new ChainReader(memory, _chain);
-        if (!reader.TryRead(out virtio_blk_outhdr header))
+        switch (request.Type)
         {
-            _log?.Write("virtio-blk: request shorter than its header, head ", _chain.Head);
-            return VIRTIO_BLK_S_IOERR;
-        }
-        // Read once into locals (style.md §5).
-        uint type = header.type;
-        ulong sector = header.sector;
-        uint dataIn = _chain.WritableLength - 1; // device-writable bytes before the status
-        uint dataOut = reader.Remaining;          // device-readable bytes after the header
-
-        switch (type)
-        {
-            case VIRTIO_BLK_T_IN:
-                if (dataOut != 0 || dataIn % SectorSize != 0)
-                    return Refuse("virtio-blk: IN request with bad framing, head ");
-                if (!TryRange(sector, dataIn, out ulong readOffset))
-                    return Refuse("virtio-blk: IN beyond capacity, sector ", sector);
-                return TransferIn(memory, readOffset, dataIn, ref payload);
-
-            case VIRTIO_BLK_T_OUT:
-                if (dataIn != 0 || dataOut % SectorSize != 0)
-                    return Refuse("virtio-blk: OUT request with bad framing, head ");
-                if (_readOnly)
-                    return Refuse("virtio-blk: write to a read-only disk, sector ", sector);
-                if (!TryRange(sector, dataOut, out ulong writeOffset))
-                    return Refuse("virtio-blk: OUT beyond capacity, sector ", sector);
-                return TransferOut(memory, writeOffset, dataOut);
-
-            case VIRTIO_BLK_T_FLUSH:
-                if (dataIn != 0 || dataOut != 0)
-                    return Refuse("virtio-blk: FLUSH request with bad framing, head ");
+            case BlockRequest.VIRTIO_BLK_T_IN:
+                return TransferIn(memory, request.Offset, request.Length, ref payload);
+            case BlockRequest.VIRTIO_BLK_T_OUT:
+                return TransferOut(memory, request.Offset, request.Length);
+            case BlockRequest.VIRTIO_BLK_T_FLUSH:
                 return Backend(BackendOp.Flush, 0, 0);
-
-            case VIRTIO_BLK_T_GET_ID:
-                if (dataOut != 0)
-                    return Refuse("virtio-blk: GET_ID request with bad framing, head ");
+            case BlockRequest.VIRTIO_BLK_T_GET_ID:
                 var writer = new ChainWriter(memory, _chain);
-                writer.Write(_id.AsSpan(0, (int)Math.Min(dataIn, (uint)IdBytes)));
+                writer.Write(_id.AsSpan(0, (int)Math.Min(request.Length, (uint)IdBytes)));
                 payload = writer.BytesWritten;
-                return VIRTIO_BLK_S_OK;
-
-            case VIRTIO_BLK_T_DISCARD:
-            case VIRTIO_BLK_T_WRITE_ZEROES:
-                return DiscardOrZero(ref reader, type, dataIn, dataOut);
-
-            default:
-                _log?.Write("virtio-blk: unsupported request type ", type);
-                return VIRTIO_BLK_S_UNSUPP;
+                return BlockRequest.VIRTIO_BLK_S_OK;
+            default: // DISCARD, WRITE_ZEROES: every segment was checked by Parse
+                for (int i = 0; i < request.SegmentCount; i++)
+                {
+                    ulong offset = _segments[i].Sector * SectorSize;
+                    ulong length = (ulong)_segments[i].NumSectors * SectorSize;
+                    if (length == 0)
+                        continue;
+                    // IBlockDevice.Discard leaves the range reading as zeros, so WRITE_ZEROES with UNMAP
+                    // may use it (§5.2.6.1: the device MAY deallocate).
+                    bool unmap = request.Type == BlockRequest.VIRTIO_BLK_T_DISCARD
+                        || (_segments[i].Flags & BlockRequest.VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) != 0;
+                    byte s = Backend(unmap ? BackendOp.Discard : BackendOp.WriteZeroes, offset, length);
+                    if (s != BlockRequest.VIRTIO_BLK_S_OK)
+                        return s;
+                }
+                return BlockRequest.VIRTIO_BLK_S_OK;
         }
     }
 
-    private byte Refuse(string message) => Refuse(message, _chain.Head);
-
-    private byte Refuse(string message, ulong value)
+    private byte Refuse(string message)
     {
-        _log?.Write(message, value);
-        return VIRTIO_BLK_S_IOERR;
-    }
-
-    /// <summary>Checked byte range of a request: sector*512 + length without overflow and within the disk.</summary>
-    private bool TryRange(ulong sector, ulong length, out ulong offset)
-    {
-        offset = 0;
-        ulong capacityBytes = CapacitySectors * SectorSize;
-        if (sector > capacityBytes / SectorSize)
-            return false;
-        offset = sector * SectorSize; // cannot overflow: sector <= capacity in sectors
-        return length <= capacityBytes - offset;
-    }
-
-    private byte DiscardOrZero(ref ChainReader reader, uint type, uint dataIn, uint dataOut)
-    {
-        bool discard = type == VIRTIO_BLK_T_DISCARD;
-        if (_readOnly)
-            return Refuse("virtio-blk: DISCARD/WRITE_ZEROES on a read-only disk, head ");
-        if (dataIn != 0 || dataOut == 0 || dataOut % DiscardSegmentSize != 0)
-            return Refuse("virtio-blk: DISCARD/WRITE_ZEROES request with bad framing, head ");
-        uint count = dataOut / DiscardSegmentSize;
-        if (count > MaxDiscardSegments)
-            return Refuse("virtio-blk: too many DISCARD/WRITE_ZEROES segments: ", count);
-
-        // Copy every segment out of guest memory once and validate all of them before touching
-        // the disk, so a bad segment leaves the image unchanged.
-        for (int i = 0; i < count; i++)
-        {
-            if (!reader.TryRead(out _segments[i]))
-                return Refuse("virtio-blk: short DISCARD/WRITE_ZEROES segment, head ");
-            uint flags = _segments[i].flags;
-            // §5.2.6.2: UNSUPP for unknown flags, and for unmap on a discard.
-            if ((flags & ~VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) != 0 || (discard && flags != 0))
-            {
-                _log?.Write("virtio-blk: unsupported DISCARD/WRITE_ZEROES flags ", flags);
-                return VIRTIO_BLK_S_UNSUPP;
-            }
-            uint sectors = _segments[i].num_sectors;
-            if (sectors > MaxDiscardSectors || !TryRange(_segments[i].sector, (ulong)sectors * SectorSize, out _))
-                return Refuse("virtio-blk: DISCARD/WRITE_ZEROES beyond limits, sector ", _segments[i].sector);
-        }
-        for (int i = 0; i < count; i++)
-        {
-            ulong offset = _segments[i].sector * SectorSize;
-            ulong length = (ulong)_segments[i].num_sectors * SectorSize;
-            if (length == 0)
-                continue;
-            // IBlockDevice.Discard leaves the range reading as zeros, so WRITE_ZEROES with UNMAP
-            // may use it (§5.2.6.1: the device MAY deallocate).
-            bool unmap = discard || (_segments[i].flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP) != 0;
-            byte s = Backend(unmap ? BackendOp.Discard : BackendOp.WriteZeroes, offset, length);
-            if (s != VIRTIO_BLK_S_OK)
-                return s;
-        }
-        return VIRTIO_BLK_S_OK;
+        _core.Log?.Write(message, _chain.Head);
+        return BlockRequest.VIRTIO_BLK_S_IOERR;
     }
 
     /// <summary>Runs a back-end call, mapping its failures to IOERR (and flushing in write-through mode).</summary>
@@ -477,12 +398,12 @@ public sealed class VirtioBlock : IVirtioDevice
             }
             if (op != BackendOp.Flush && _writeThrough)
                 _disk.Flush();
-            return VIRTIO_BLK_S_OK;
+            return BlockRequest.VIRTIO_BLK_S_OK;
         }
         catch (Exception e) when (IsBackendFailure(e))
         {
-            _log?.Write($"virtio-blk: back-end failure at byte {offset}: {e.Message}");
-            return VIRTIO_BLK_S_IOERR;
+            _core.Log?.Write($"virtio-blk: back-end failure at byte {offset}: {e.Message}");
+            return BlockRequest.VIRTIO_BLK_S_IOERR;
         }
     }
 
@@ -538,7 +459,7 @@ public sealed class VirtioBlock : IVirtioDevice
                 _disk.ReadScattered(_iov.AsSpan(0, buffers), offset);
                 payload += length;
                 Interlocked.Add(ref _bytesRead, length);
-                return VIRTIO_BLK_S_OK;
+                return BlockRequest.VIRTIO_BLK_S_OK;
             }
             uint left = length;
             foreach (ChainSegment s in _chain.Writable)
@@ -571,12 +492,12 @@ public sealed class VirtioBlock : IVirtioDevice
                 left -= segLength;
             }
             Interlocked.Add(ref _bytesRead, length);
-            return VIRTIO_BLK_S_OK;
+            return BlockRequest.VIRTIO_BLK_S_OK;
         }
         catch (Exception e) when (IsBackendFailure(e))
         {
-            _log?.Write($"virtio-blk: read failed at byte {offset}: {e.Message}");
-            return VIRTIO_BLK_S_IOERR;
+            _core.Log?.Write($"virtio-blk: read failed at byte {offset}: {e.Message}");
+            return BlockRequest.VIRTIO_BLK_S_IOERR;
         }
     }
 
@@ -585,15 +506,15 @@ public sealed class VirtioBlock : IVirtioDevice
     {
         try
         {
-            if (TryGather(memory, _chain.Readable, skip: HeaderSize, length, out int buffers))
+            if (TryGather(memory, _chain.Readable, skip: BlockRequest.HeaderSize, length, out int buffers))
             {
                 _disk.WriteGathered(_iov.AsSpan(0, buffers), offset);
                 if (_writeThrough)
                     _disk.Flush();
                 Interlocked.Add(ref _bytesWritten, length);
-                return VIRTIO_BLK_S_OK;
+                return BlockRequest.VIRTIO_BLK_S_OK;
             }
-            uint skip = HeaderSize;
+            uint skip = BlockRequest.HeaderSize;
             foreach (ChainSegment s in _chain.Readable)
             {
                 if (skip >= s.Length)
@@ -628,12 +549,12 @@ public sealed class VirtioBlock : IVirtioDevice
             if (_writeThrough)
                 _disk.Flush();
             Interlocked.Add(ref _bytesWritten, length);
-            return VIRTIO_BLK_S_OK;
+            return BlockRequest.VIRTIO_BLK_S_OK;
         }
         catch (Exception e) when (IsBackendFailure(e))
         {
-            _log?.Write($"virtio-blk: write failed at byte {offset}: {e.Message}");
-            return VIRTIO_BLK_S_IOERR;
+            _core.Log?.Write($"virtio-blk: write failed at byte {offset}: {e.Message}");
+            return BlockRequest.VIRTIO_BLK_S_IOERR;
         }
     }
 }

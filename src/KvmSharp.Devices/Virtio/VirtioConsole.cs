@@ -41,14 +41,13 @@ public sealed class VirtioConsole : IVirtioDevice
     private readonly ushort _queueSize;
     private readonly ushort _cols;
     private readonly ushort _rows;
-    private readonly VirtioDeviceRuntime _runtime; // takes no lock: used under either
+    private readonly VirtioDeviceCore _core; // written under both locks, read under either
 
     // Lock order: _txLock, then _rxLock. _txLock guards the transmit queue and _output.
     private readonly Lock _txLock = new();
     private readonly DescriptorChain _txChain;
     private readonly byte[] _txScratch = new byte[4096];
     private readonly ChainHandler _transmit;
-    private VirtQueue? _txQueue;
 
     // _rxLock guards the receive queue, the input ring buffer and the shared activation state.
     private readonly Lock _rxLock = new();
@@ -56,11 +55,6 @@ public sealed class VirtioConsole : IVirtioDevice
     private readonly byte[] _input = new byte[InputBufferSize];
     private int _inputStart;
     private int _inputCount;
-    private VirtQueue? _rxQueue;
-
-    // Written under both locks, so either lock suffices to read them.
-    private GuestMemory? _memory;
-    private IVirtioInterrupt? _interrupt;
 
     private long _bytesOut;
     private long _bytesIn;
@@ -77,14 +71,14 @@ public sealed class VirtioConsole : IVirtioDevice
     public VirtioConsole(Stream output, ushort queueSize = 64, ushort cols = 80, ushort rows = 25, RateLimitedLog? log = null)
     {
         ArgumentNullException.ThrowIfNull(output);
-        _ = new VirtQueue(queueSize); // validates the size
+        VirtQueue.ValidateMaxSize(queueSize);
         _output = output;
         _queueSize = queueSize;
         _cols = cols;
         _rows = rows;
         _txChain = new DescriptorChain(queueSize);
         _rxChain = new DescriptorChain(queueSize);
-        _runtime = new VirtioDeviceRuntime("virtio-console", log);
+        _core = new VirtioDeviceCore("virtio-console", 2, log);
         _transmit = Transmit;
     }
 
@@ -109,7 +103,7 @@ public sealed class VirtioConsole : IVirtioDevice
     public long OutputErrors => Interlocked.Read(ref _outputErrors);
 
     /// <summary>Malformed chains returned with length 0.</summary>
-    public long BadChains => _runtime.BadChains;
+    public long BadChains => _core.BadChains;
 
     /// <summary>Input bytes accepted but not yet delivered.</summary>
     public int PendingInput
@@ -122,7 +116,7 @@ public sealed class VirtioConsole : IVirtioDevice
     }
 
     /// <summary>True after the driver corrupted a ring; cleared by reset.</summary>
-    public bool Broken => _runtime.Broken;
+    public bool Broken => _core.Broken;
 
     /// <inheritdoc/>
     public ushort QueueMaxSize(int index) => _queueSize;
@@ -154,23 +148,11 @@ public sealed class VirtioConsole : IVirtioDevice
     /// <inheritdoc/>
     public bool Activate(GuestMemory memory, ulong negotiatedFeatures, IReadOnlyList<VirtQueue> queues, IVirtioInterrupt interrupt)
     {
-        ArgumentNullException.ThrowIfNull(memory);
-        ArgumentNullException.ThrowIfNull(queues);
-        ArgumentNullException.ThrowIfNull(interrupt);
-        if (queues.Count != 2 || !queues[ReceiveQueue].Ready || !queues[TransmitQueue].Ready)
-            return false;
         lock (_txLock)
         {
             lock (_rxLock)
-            {
-                _memory = memory;
-                _interrupt = interrupt;
-                _rxQueue = queues[ReceiveQueue];
-                _txQueue = queues[TransmitQueue];
-                _runtime.ClearBroken();
-            }
+                return _core.Activate(memory, negotiatedFeatures, queues, interrupt, requiredQueues: 2);
         }
-        return true;
     }
 
     /// <inheritdoc/>
@@ -180,23 +162,18 @@ public sealed class VirtioConsole : IVirtioDevice
         lock (_txLock)
         {
             lock (_rxLock)
-            {
-                _memory = null;
-                _interrupt = null;
-                _rxQueue = null;
-                _txQueue = null;
-                _runtime.ClearBroken();
-            }
+                _core.Reset();
         }
     }
 
     /// <inheritdoc/>
-    public void QueueNotify(int queueIndex)
+    public bool QueueNotify(int queueIndex)
     {
         if (queueIndex == TransmitQueue)
             ProcessTransmit();
         else if (queueIndex == ReceiveQueue)
             ProcessReceive();
+        return false;
     }
 
     /// <summary>
@@ -229,7 +206,7 @@ public sealed class VirtioConsole : IVirtioDevice
 
     private void DeliverLocked()
     {
-        if (_rxQueue is not { } queue || _memory is not { } memory || _interrupt is not { } interrupt || Broken)
+        if (!_core.TryGetQueue(ReceiveQueue, out VirtQueue? queue, out GuestMemory? memory, out IVirtioInterrupt? interrupt))
             return;
         bool used = false;
         while (_inputCount > 0)
@@ -244,7 +221,7 @@ public sealed class VirtioConsole : IVirtioDevice
             }
             if (result == PopResult.BrokenRing)
             {
-                _runtime.MarkBroken(interrupt, ReceiveQueue);
+                _core.MarkBroken(interrupt, ReceiveQueue);
                 break;
             }
             uint written = 0;
@@ -267,11 +244,11 @@ public sealed class VirtioConsole : IVirtioDevice
             }
             else
             {
-                _runtime.BadChain(_rxChain.Head);
+                _core.BadChain(_rxChain.Head);
             }
             if (!queue.TryAddUsed(memory, _rxChain.Head, written))
             {
-                _runtime.MarkBroken(interrupt, ReceiveQueue);
+                _core.MarkBroken(interrupt, ReceiveQueue);
                 break;
             }
             used = true;
@@ -284,11 +261,7 @@ public sealed class VirtioConsole : IVirtioDevice
     public void ProcessTransmit()
     {
         lock (_txLock)
-        {
-            if (_txQueue is not { } queue || _memory is not { } memory || _interrupt is not { } interrupt || Broken)
-                return;
-            _runtime.Drain(queue, TransmitQueue, memory, interrupt, _txChain, _transmit);
-        }
+            _core.Serve(TransmitQueue, _txChain, _transmit);
     }
 
     /// <remarks>§5.3.6.2: transmit buffers are returned with nothing written.</remarks>

@@ -20,13 +20,14 @@ namespace KvmSharp.Devices.Virtio;
 /// scan is a new edge and none is lost.</para>
 /// <para>Queue notifications: the VMM should register an ioeventfd at base +
 /// <see cref="QueueNotifyOffset"/> (4 bytes, data match = queue index) so kicks never exit to user
-/// space; without one, a write there reaches <see cref="IVirtioDevice.QueueNotify"/>.</para>
+/// space; without one, a write there reaches the <see cref="IVirtioQueueNotifier"/>, which
+/// signals the same queue event. Either way the device is served on the VMM's I/O thread
+/// (<see cref="NotifyQueue"/>).</para>
 /// <para>Threads: register accesses from vCPU threads serialise on one lock; device calls made
 /// from it (config access, activate, reset) run under it. Lock order: transport lock, then
-/// whatever the device takes. <see cref="IVirtioInterrupt.Signal"/> takes no lock, and
-/// <see cref="IVirtioDevice.QueueNotify"/> is called without it.</para>
+/// whatever the device takes. <see cref="IVirtioInterrupt.Signal"/> and <see cref="NotifyQueue"/> take no lock.</para>
 /// </remarks>
-public sealed class VirtioMmioTransport : IBusDevice, IVirtioInterrupt
+public sealed class VirtioMmioTransport : IBusDevice, IVirtioInterrupt, IVirtioTransport
 {
     /// <summary>Bytes of MMIO space the transport occupies (registers plus configuration space).</summary>
     public const ulong RegionSize = 0x1000;
@@ -87,11 +88,15 @@ public sealed class VirtioMmioTransport : IBusDevice, IVirtioInterrupt
     /// <exception cref="ArgumentNullException">An argument is null.</exception>
     /// <exception cref="ArgumentException">The device offers no VERSION_1 feature or has an
     /// invalid queue maximum size.</exception>
-    public VirtioMmioTransport(IVirtioDevice device, GuestMemory memory, IInterruptLine irq)
+    /// <param name="device">The virtio device.</param>
+    /// <param name="memory">Guest memory the queues live in.</param>
+    /// <param name="irq">The device's interrupt line (an edge per signal).</param>
+    /// <param name="notifier">The VMM's queue events: where QueueNotify writes go.</param>
+    public VirtioMmioTransport(IVirtioDevice device, GuestMemory memory, IInterruptLine irq, IVirtioQueueNotifier notifier)
     {
         ArgumentNullException.ThrowIfNull(irq);
         _irq = irq;
-        _core = new VirtioTransportCore(device, memory, this);
+        _core = new VirtioTransportCore(device, memory, this, notifier);
     }
 
     /// <summary>The device status byte as the driver last set it (plus DEVICE_NEEDS_RESET).</summary>
@@ -102,6 +107,9 @@ public sealed class VirtioMmioTransport : IBusDevice, IVirtioInterrupt
 
     /// <summary>The queues, for tests and for snapshotting.</summary>
     public IReadOnlyList<VirtQueue> Queues => _core.Queues;
+
+    /// <inheritdoc/>
+    public bool NotifyQueue(int queueIndex) => _core.NotifyQueue(queueIndex);
 
     /// <inheritdoc/>
     public void Signal(VirtioInterruptType type, int queueIndex)
@@ -152,20 +160,15 @@ public sealed class VirtioMmioTransport : IBusDevice, IVirtioInterrupt
         uint value = BinaryPrimitives.ReadUInt32LittleEndian(data);
         if (offset == QueueNotifyOffset)
         {
-            // Outside the lock, so a device signalling under its own lock never waits on us.
-            bool activated;
-            lock (_lock)
-                activated = _core.Activated;
             // With VIRTIO_F_NOTIFICATION_DATA unoffered, the value is the queue index.
-            if (activated && value < (uint)_core.Queues.Length)
-                _core.Device.QueueNotify((int)value);
+            _core.Kick(value);
             return;
         }
         lock (_lock)
             WriteRegisterLocked((int)offset, value);
     }
 
-    private VirtQueue? SelectedQueueLocked => _queueSel < (uint)_core.Queues.Length ? _core.Queues[_queueSel] : null;
+    private VirtQueue? SelectedQueueLocked => _core.Queue(_queueSel);
 
     private uint ReadRegisterLocked(int offset)
     {
@@ -181,19 +184,19 @@ public sealed class VirtioMmioTransport : IBusDevice, IVirtioInterrupt
                 // §4.2.2.1: 0 when the queue is not available.
                 return SelectedQueueLocked?.MaxSize ?? 0u;
             case QueueNum:
-                return SelectedQueueLocked?.Size ?? 0u;
+                return _core.ReadQueueRegister(_queueSel, VirtioQueueRegister.Size);
             case QueueReady:
                 return SelectedQueueLocked?.Ready == true ? 1u : 0u;
             case InterruptStatus:
                 return (uint)Volatile.Read(ref _interruptStatus);
             case Status:
                 return _core.Status;
-            case QueueDescLow: return (uint)(SelectedQueueLocked?.DescriptorTable.Value ?? 0);
-            case QueueDescHigh: return (uint)((SelectedQueueLocked?.DescriptorTable.Value ?? 0) >> 32);
-            case QueueDriverLow: return (uint)(SelectedQueueLocked?.AvailableRing.Value ?? 0);
-            case QueueDriverHigh: return (uint)((SelectedQueueLocked?.AvailableRing.Value ?? 0) >> 32);
-            case QueueDeviceLow: return (uint)(SelectedQueueLocked?.UsedRing.Value ?? 0);
-            case QueueDeviceHigh: return (uint)((SelectedQueueLocked?.UsedRing.Value ?? 0) >> 32);
+            case QueueDescLow: return _core.ReadQueueRegister(_queueSel, VirtioQueueRegister.DescLow);
+            case QueueDescHigh: return _core.ReadQueueRegister(_queueSel, VirtioQueueRegister.DescHigh);
+            case QueueDriverLow: return _core.ReadQueueRegister(_queueSel, VirtioQueueRegister.DriverLow);
+            case QueueDriverHigh: return _core.ReadQueueRegister(_queueSel, VirtioQueueRegister.DriverHigh);
+            case QueueDeviceLow: return _core.ReadQueueRegister(_queueSel, VirtioQueueRegister.DeviceLow);
+            case QueueDeviceHigh: return _core.ReadQueueRegister(_queueSel, VirtioQueueRegister.DeviceHigh);
             case SHMLenLow:
             case SHMLenHigh:
             case SHMBaseLow:
@@ -222,38 +225,17 @@ public sealed class VirtioMmioTransport : IBusDevice, IVirtioInterrupt
             case QueueSel:
                 _queueSel = value;
                 break;
-            case QueueNum:
-                if (QueueConfigurableLocked(out VirtQueue? q))
-                    q.Size = (ushort)Math.Min(value, ushort.MaxValue); // validated at QueueReady/DRIVER_OK
-                break;
+            case QueueNum: _core.WriteQueueRegister(_queueSel, VirtioQueueRegister.Size, value); break;
             case QueueReady:
-                if (QueueConfigurableLocked(out q))
+                if (_core.TryGetConfigurableQueue(_queueSel, out VirtQueue? q))
                     q.Ready = (value & 1) != 0;
                 break;
-            case QueueDescLow:
-                if (QueueConfigurableLocked(out q))
-                    q.DescriptorTable = new GuestAddress(SetLow(q.DescriptorTable.Value, value));
-                break;
-            case QueueDescHigh:
-                if (QueueConfigurableLocked(out q))
-                    q.DescriptorTable = new GuestAddress(SetHigh(q.DescriptorTable.Value, value));
-                break;
-            case QueueDriverLow:
-                if (QueueConfigurableLocked(out q))
-                    q.AvailableRing = new GuestAddress(SetLow(q.AvailableRing.Value, value));
-                break;
-            case QueueDriverHigh:
-                if (QueueConfigurableLocked(out q))
-                    q.AvailableRing = new GuestAddress(SetHigh(q.AvailableRing.Value, value));
-                break;
-            case QueueDeviceLow:
-                if (QueueConfigurableLocked(out q))
-                    q.UsedRing = new GuestAddress(SetLow(q.UsedRing.Value, value));
-                break;
-            case QueueDeviceHigh:
-                if (QueueConfigurableLocked(out q))
-                    q.UsedRing = new GuestAddress(SetHigh(q.UsedRing.Value, value));
-                break;
+            case QueueDescLow: _core.WriteQueueRegister(_queueSel, VirtioQueueRegister.DescLow, value); break;
+            case QueueDescHigh: _core.WriteQueueRegister(_queueSel, VirtioQueueRegister.DescHigh, value); break;
+            case QueueDriverLow: _core.WriteQueueRegister(_queueSel, VirtioQueueRegister.DriverLow, value); break;
+            case QueueDriverHigh: _core.WriteQueueRegister(_queueSel, VirtioQueueRegister.DriverHigh, value); break;
+            case QueueDeviceLow: _core.WriteQueueRegister(_queueSel, VirtioQueueRegister.DeviceLow, value); break;
+            case QueueDeviceHigh: _core.WriteQueueRegister(_queueSel, VirtioQueueRegister.DeviceHigh, value); break;
             case InterruptACK:
                 Interlocked.And(ref _interruptStatus, ~(int)value);
                 break;
@@ -270,15 +252,4 @@ public sealed class VirtioMmioTransport : IBusDevice, IVirtioInterrupt
                 break; // read-only or reserved
         }
     }
-
-    /// <summary>Queue registers may be written after FEATURES_OK and before DRIVER_OK (§3.1.1 steps 7-8).</summary>
-    private bool QueueConfigurableLocked([System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out VirtQueue? queue)
-    {
-        queue = SelectedQueueLocked;
-        return queue is not null && _core.QueueConfigurable;
-    }
-
-    private static ulong SetLow(ulong current, uint low) => (current & 0xFFFF_FFFF_0000_0000UL) | low;
-
-    private static ulong SetHigh(ulong current, uint high) => (current & 0xFFFF_FFFFUL) | ((ulong)high << 32);
 }

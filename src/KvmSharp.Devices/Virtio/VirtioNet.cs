@@ -4,46 +4,6 @@ using KvmSharp.Memory;
 
 namespace KvmSharp.Devices.Virtio;
 
-/// <summary>Device-specific feature bits of virtio-net (virtio 1.2 §5.1.3).</summary>
-public static class VirtioNetFeatures
-{
-    public const ulong CSUM = 1UL << 0;
-    public const ulong GUEST_CSUM = 1UL << 1;
-    public const ulong CTRL_GUEST_OFFLOADS = 1UL << 2;
-    public const ulong MTU = 1UL << 3;
-    public const ulong MAC = 1UL << 5;
-    public const ulong GUEST_TSO4 = 1UL << 7;
-    public const ulong GUEST_TSO6 = 1UL << 8;
-    public const ulong GUEST_ECN = 1UL << 9;
-    public const ulong GUEST_UFO = 1UL << 10;
-    public const ulong HOST_TSO4 = 1UL << 11;
-    public const ulong HOST_TSO6 = 1UL << 12;
-    public const ulong HOST_ECN = 1UL << 13;
-    public const ulong HOST_UFO = 1UL << 14;
-    public const ulong MRG_RXBUF = 1UL << 15;
-    public const ulong STATUS = 1UL << 16;
-    public const ulong CTRL_VQ = 1UL << 17;
-}
-
-/// <summary>What <see cref="VirtioNet.ProcessRx"/> stopped on: tells the VMM when to call again.</summary>
-public enum NetRxStatus
-{
-    /// <summary>The back end has no frame queued: call again when its fd becomes readable.</summary>
-    BackendEmpty,
-
-    /// <summary>A frame is waiting and the guest has posted no receive buffer: call again on the
-    /// receive queue's notification (ioeventfd or <see cref="IVirtioDevice.QueueNotify"/>, which
-    /// does it). With a level-triggered fd, stop polling the back end until then.</summary>
-    WaitingForBuffers,
-
-    /// <summary>The per-call frame budget ran out with work left: call again soon (after other
-    /// ready events), since an edge-triggered fd will not report it again.</summary>
-    MoreWork,
-
-    /// <summary>The device is not running (not activated, reset, or broken by the driver).</summary>
-    NotRunning,
-}
-
 /// <summary>
 /// virtio network device (virtio 1.2 §5.1): one receive and one transmit queue (receiveq1 = 0,
 /// transmitq1 = 1), no control queue, frames exchanged with an <see cref="INetBackend"/> (a TAP).
@@ -67,7 +27,7 @@ public enum NetRxStatus
 /// receives does not wait; <see cref="Activate"/>/<see cref="Reset"/> take both (receive, then
 /// transmit). The interrupt is signalled under the queue's lock (it never blocks).</para>
 /// </remarks>
-public sealed class VirtioNet : IVirtioDevice
+public sealed partial class VirtioNet : IVirtioDevice
 {
     /// <summary>Index of receiveq1.</summary>
     public const int RxQueueIndex = 0;
@@ -101,8 +61,7 @@ public sealed class VirtioNet : IVirtioDevice
         | VirtioNetFeatures.GUEST_CSUM | VirtioNetFeatures.GUEST_TSO4 | VirtioNetFeatures.GUEST_TSO6 | VirtioNetFeatures.GUEST_ECN;
 
     private readonly INetBackend _backend;
-    private readonly RateLimitedLog? _log;
-    private readonly VirtioDeviceRuntime _runtime; // takes no lock: used under either queue lock
+    private readonly VirtioDeviceCore _core; // written under both locks, read under either
     private readonly ushort _queueSize;
     private readonly byte[] _mac;
     private int _linkUp = 1;
@@ -112,18 +71,14 @@ public sealed class VirtioNet : IVirtioDevice
     private readonly Lock _txLock = new();
 
     // Set under both locks; read under either.
-    private GuestMemory? _memory;
-    private IVirtioInterrupt? _interrupt;
     private bool _mergeable;
 
     // Transmit state (under _txLock).
-    private VirtQueue? _txQueue;
     private readonly DescriptorChain _txChain;
     private readonly byte[] _txBuffer = new byte[HeaderSize + MaxFrameSize];
     private readonly ChainHandler _transmit;
 
     // Receive state (under _rxLock).
-    private VirtQueue? _rxQueue;
     private readonly DescriptorChain _rxChain;
     private readonly byte[] _rxBuffer = new byte[HeaderSize + MaxFrameSize];
     private int _rxLength;          // > 0: a frame (header included) waits in _rxBuffer
@@ -151,12 +106,11 @@ public sealed class VirtioNet : IVirtioDevice
             throw new ArgumentException("A MAC address is 6 bytes.", nameof(mac));
         if ((mac[0] & 1) != 0)
             throw new ArgumentException("A device MAC address must be unicast (bit 0 of the first byte clear).", nameof(mac));
-        _ = new VirtQueue(queueSize); // validates the size
+        VirtQueue.ValidateMaxSize(queueSize);
         _backend = backend;
         _mac = mac.ToArray();
         _queueSize = queueSize;
-        _log = log;
-        _runtime = new VirtioDeviceRuntime("virtio-net", log);
+        _core = new VirtioDeviceCore("virtio-net", 2, log);
         _transmit = Transmit;
         _txChain = new DescriptorChain(queueSize);
         _rxChain = new DescriptorChain(queueSize);
@@ -196,10 +150,10 @@ public sealed class VirtioNet : IVirtioDevice
     public long RxDropped => Interlocked.Read(ref _rxDropped);
 
     /// <summary>Malformed or misdirected chains returned unused, both queues.</summary>
-    public long BadChains => _runtime.BadChains;
+    public long BadChains => _core.BadChains;
 
     /// <summary>True after the driver corrupted a ring; cleared by reset.</summary>
-    public bool Broken => _runtime.Broken;
+    public bool Broken => _core.Broken;
 
     /// <summary>
     /// The link state in the status field (VIRTIO_NET_S_LINK_UP). Changing it while the device
@@ -214,7 +168,7 @@ public sealed class VirtioNet : IVirtioDevice
                 return;
             IVirtioInterrupt? interrupt;
             lock (_rxLock)
-                interrupt = _interrupt;
+                interrupt = _core.Interrupt;
             interrupt?.Signal(VirtioInterruptType.Config, 0);
         }
     }
@@ -250,29 +204,23 @@ public sealed class VirtioNet : IVirtioDevice
     /// back end refuses the guest's receive offloads.</remarks>
     public bool Activate(GuestMemory memory, ulong negotiatedFeatures, IReadOnlyList<VirtQueue> queues, IVirtioInterrupt interrupt)
     {
-        ArgumentNullException.ThrowIfNull(memory);
-        ArgumentNullException.ThrowIfNull(queues);
-        ArgumentNullException.ThrowIfNull(interrupt);
-        if (queues.Count != 2 || !queues[RxQueueIndex].Ready || !queues[TxQueueIndex].Ready)
-            return false;
         lock (_rxLock)
         {
             lock (_txLock)
             {
+                if (!_core.Activate(memory, negotiatedFeatures, queues, interrupt, requiredQueues: 2))
+                    return false;
                 try
                 {
                     _backend.SetOffloads(OffloadsFor(negotiatedFeatures));
                 }
                 catch (IOException e)
                 {
-                    _log?.Write($"virtio-net: the back end refused the guest's offloads: {e.Message}");
+                    _core.Reset();
+                    _core.Log?.Write($"virtio-net: the back end refused the guest's offloads: {e.Message}");
                     return false;
                 }
-                _memory = memory;
-                _interrupt = interrupt;
                 _mergeable = (negotiatedFeatures & VirtioNetFeatures.MRG_RXBUF) != 0;
-                _rxQueue = queues[RxQueueIndex];
-                _txQueue = queues[TxQueueIndex];
                 ClearState();
             }
         }
@@ -287,10 +235,7 @@ public sealed class VirtioNet : IVirtioDevice
         {
             lock (_txLock)
             {
-                _memory = null;
-                _interrupt = null;
-                _rxQueue = null;
-                _txQueue = null;
+                _core.Reset();
                 _mergeable = false;
                 ClearState();
             }
@@ -299,7 +244,6 @@ public sealed class VirtioNet : IVirtioDevice
 
     private void ClearState()
     {
-        _runtime.ClearBroken();
         _rxLength = 0;
         _rxOffset = 0;
         _rxChainHeld = false;
@@ -326,343 +270,14 @@ public sealed class VirtioNet : IVirtioDevice
     }
 
     /// <inheritdoc/>
-    /// <remarks>Processes the queue inline (both paths are non-blocking): receive buffers posted
-    /// let a waiting frame in; transmit chains are sent.</remarks>
-    public void QueueNotify(int queueIndex)
+    /// <remarks>Processes the queue at once (both paths are non-blocking): receive buffers posted
+    /// let a waiting frame in; transmit chains are sent. True when the receive budget ran out.</remarks>
+    public bool QueueNotify(int queueIndex)
     {
         if (queueIndex == RxQueueIndex)
-            ProcessRx();
-        else if (queueIndex == TxQueueIndex)
+            return ProcessRx() == NetRxStatus.MoreWork;
+        if (queueIndex == TxQueueIndex)
             ProcessTx();
-    }
-
-    // ---------------------------------------------------------------- transmit
-
-    /// <summary>
-    /// Sends every available transmit chain to the back end, then signals the driver if it wants
-    /// it. Call on the transmit queue's notification (its ioeventfd, or through
-    /// <see cref="QueueNotify"/>).
-    /// </summary>
-    public void ProcessTx()
-    {
-        lock (_txLock)
-        {
-            if (_txQueue is not { } queue || _memory is not { } memory || _interrupt is not { } interrupt || Broken)
-                return;
-            _runtime.Drain(queue, TxQueueIndex, memory, interrupt, _txChain, _transmit);
-        }
-    }
-
-    /// <remarks>§5.1.6.2: the device writes nothing into a transmit buffer.</remarks>
-    private uint Transmit(GuestMemory memory, DescriptorChain chain)
-    {
-        uint length = chain.ReadableLength;
-        // §5.1.6.2: a transmit chain is the header and the frame, all device-readable.
-        if (chain.WritableLength != 0)
-        {
-            _runtime.BadChain(chain.Head, "transmit chain has device-writable buffers");
-            return 0;
-        }
-        if (length < HeaderSize + MinFrameSize || length > (uint)_txBuffer.Length)
-        {
-            _runtime.BadChain(chain.Head, "transmit chain length is outside [26, 65612]");
-            return 0;
-        }
-        var reader = new ChainReader(memory, chain);
-        Span<byte> frame = _txBuffer.AsSpan(0, (int)length);
-        if (reader.Read(frame) != frame.Length)
-        {
-            _runtime.BadChain(chain.Head, "transmit chain could not be read");
-            return 0;
-        }
-        // The TAP takes virtio_net_hdr_v1 as is (flags, gso_type, hdr_len, gso_size,
-        // csum_start, csum_offset; num_buffers is ignored on transmit) and validates it itself.
-        int n = _backend.Write(frame);
-        if (n < 0)
-        {
-            Interlocked.Increment(ref _txErrors);
-            _log?.Write("virtio-net: back end write failed, frame dropped: errno ", (ulong)-n);
-            return 0;
-        }
-        Interlocked.Increment(ref _txFrames);
-        Interlocked.Add(ref _txBytes, length - HeaderSize);
-        return 0;
-    }
-
-    // ---------------------------------------------------------------- receive
-
-    /// <summary>
-    /// Moves frames from the back end into the guest's receive buffers until the back end is
-    /// empty, the guest has no buffers left (the frame in hand is kept for later), or
-    /// <see cref="RxBudget"/> frames were handled; then signals the driver if it wants it.
-    /// </summary>
-    /// <remarks>Call when the back end's fd becomes readable, on the receive queue's notification
-    /// (its ioeventfd, or through <see cref="QueueNotify"/>), and again when the result says so.</remarks>
-    /// <returns>Why it stopped, and so when to call again.</returns>
-    public NetRxStatus ProcessRx()
-    {
-        lock (_rxLock)
-        {
-            if (_rxQueue is not { } queue || _memory is not { } memory || _interrupt is not { } interrupt || Broken)
-                return NetRxStatus.NotRunning;
-            bool used = false;
-            int budget = RxBudget;
-            NetRxStatus status;
-            while (true)
-            {
-                if (_rxLength == 0)
-                {
-                    if (budget == 0)
-                    {
-                        status = NetRxStatus.MoreWork;
-                        break;
-                    }
-                    if (!ReadFrame())
-                    {
-                        status = NetRxStatus.BackendEmpty;
-                        break;
-                    }
-                    budget--;
-                    if (_rxLength == 0)
-                        continue; // dropped
-                }
-                DeliverResult delivered = _mergeable ? DeliverMergeable(queue, memory, ref used) : DeliverSingle(queue, memory, ref used);
-                if (delivered == DeliverResult.Done)
-                    continue;
-                if (delivered == DeliverResult.Broken)
-                {
-                    status = NetRxStatus.NotRunning;
-                    break;
-                }
-                // Out of buffers: ask for a kick, and look again for buffers that raced with the
-                // request (§2.7.10), or the guest may never kick.
-                if (!queue.EnableNotification(memory))
-                {
-                    status = NetRxStatus.WaitingForBuffers;
-                    break;
-                }
-            }
-            // Kicks are only needed while a frame waits for buffers (EnableNotification above);
-            // otherwise spare the guest the exits (VIRTQ_USED_F_NO_NOTIFY; a no-op with EVENT_IDX).
-            if (status is NetRxStatus.BackendEmpty or NetRxStatus.MoreWork)
-                queue.DisableNotification(memory);
-            if (used && !Broken && queue.NeedsNotification(memory))
-                interrupt.Signal(VirtioInterruptType.Queue, RxQueueIndex);
-            return status;
-        }
-    }
-
-    private enum DeliverResult
-    {
-        Done,
-        NoBuffers,
-        Broken,
-    }
-
-    /// <summary>Reads the next frame into _rxBuffer; false when the back end has none.
-    /// Leaves _rxLength 0 when the frame read was dropped.</summary>
-    private bool ReadFrame()
-    {
-        int n = _backend.Read(_rxBuffer);
-        if (n <= 0)
-        {
-            if (n < 0 && n != -Libc.EAGAIN)
-                _log?.Write("virtio-net: back end read failed: errno ", (ulong)-n);
-            return false;
-        }
-        if (n > _rxBuffer.Length || n < HeaderSize + MinFrameSize)
-        {
-            Interlocked.Increment(ref _rxDropped);
-            _log?.Write("virtio-net: dropped a received frame of bad length ", (ulong)n);
-            return true;
-        }
-        _rxLength = n;
-        _rxOffset = 0;
-        return true;
-    }
-
-    /// <summary>Without MRG_RXBUF: the whole frame goes into one chain (§5.1.6.3.1), num_buffers 1.</summary>
-    private DeliverResult DeliverSingle(VirtQueue queue, GuestMemory memory, ref bool used)
-    {
-        DescriptorChain chain = _rxChain;
-        while (!_rxChainHeld)
-        {
-            PopResult result = queue.TryPop(memory, chain);
-            if (result == PopResult.Empty)
-                return DeliverResult.NoBuffers;
-            if (result == PopResult.BrokenRing)
-            {
-                _runtime.MarkBroken(_interrupt, RxQueueIndex);
-                return DeliverResult.Broken;
-            }
-            if (result == PopResult.Chain && chain.WritableLength >= HeaderSize)
-            {
-                _rxChainHeld = true;
-                break;
-            }
-            _runtime.BadChain(chain.Head, result == PopResult.Chain ? "receive chain has no room for the header" : "receive chain is malformed or outside RAM");
-            if (!AddUsed(queue, memory, chain.Head, 0, ref used))
-                return DeliverResult.Broken;
-        }
-
-        if ((uint)_rxLength > chain.WritableLength)
-        {
-            // The guest posted buffers too small for this frame (it did not negotiate the GSO it
-            // would need, or shrank its buffers): drop the frame, keep the chain for the next.
-            Interlocked.Increment(ref _rxDropped);
-            _log?.Write("virtio-net: received frame larger than the guest's buffer, dropped: ", (ulong)_rxLength);
-            _rxLength = 0;
-            return DeliverResult.Done;
-        }
-        BinaryPrimitives.WriteUInt16LittleEndian(_rxBuffer.AsSpan(NumBuffersOffset), 1); // §5.1.6.4
-        var writer = new ChainWriter(memory, chain);
-        int written = writer.Write(_rxBuffer.AsSpan(0, _rxLength));
-        _rxChainHeld = false;
-        if (written != _rxLength)
-        {
-            // RAM disappeared under a checked chain: return what was written, count the frame lost.
-            Interlocked.Increment(ref _rxDropped);
-            _rxLength = 0;
-            return AddUsed(queue, memory, chain.Head, 0, ref used) ? DeliverResult.Done : DeliverResult.Broken;
-        }
-        CountDelivered();
-        _rxLength = 0;
-        return AddUsed(queue, memory, chain.Head, (uint)written, ref used) ? DeliverResult.Done : DeliverResult.Broken;
-    }
-
-    /// <summary>
-    /// With MRG_RXBUF: the frame fills as many chains as it needs (§5.1.6.4.1). Filled chains are
-    /// remembered and returned together once the frame is complete and num_buffers written, so
-    /// the driver never sees a first buffer whose companions are missing; a frame that runs out
-    /// of buffers resumes where it stopped.
-    /// </summary>
-    private DeliverResult DeliverMergeable(VirtQueue queue, GuestMemory memory, ref bool used)
-    {
-        DescriptorChain chain = _rxChain;
-        while (_rxOffset < _rxLength)
-        {
-            if (_rxUsedCount + _rxDeferredBadCount >= queue.Size)
-            {
-                // Every descriptor the driver can give us is held and the frame still does not
-                // fit (tiny buffers): it never will. Give the buffers back empty, drop the frame.
-                Interlocked.Increment(ref _rxDropped);
-                _log?.Write("virtio-net: received frame larger than the whole receive ring, dropped: ", (ulong)_rxLength);
-                for (int i = 0; i < _rxUsedCount; i++)
-                    _rxUsed[i].Length = 0;
-                _rxLength = 0;
-                return FlushUsed(queue, memory, ref used) ? DeliverResult.Done : DeliverResult.Broken;
-            }
-            PopResult result = queue.TryPop(memory, chain);
-            if (result == PopResult.Empty)
-                return DeliverResult.NoBuffers;
-            if (result == PopResult.BrokenRing)
-            {
-                _runtime.MarkBroken(_interrupt, RxQueueIndex);
-                return DeliverResult.Broken;
-            }
-            bool first = _rxUsedCount == 0;
-            if (result != PopResult.Chain || chain.WritableLength < (first ? HeaderSize : 1) || (first && !FindNumBuffers(chain)))
-            {
-                _runtime.BadChain(chain.Head, result == PopResult.Chain ? "receive chain has no room for the header" : "receive chain is malformed or outside RAM");
-                if (first)
-                {
-                    if (!AddUsed(queue, memory, chain.Head, 0, ref used))
-                        return DeliverResult.Broken;
-                }
-                else
-                {
-                    // Not among this frame's used entries: the driver reads a frame's
-                    // num_buffers entries in a row. Returned after the frame.
-                    _rxDeferredBad[_rxDeferredBadCount++] = chain.Head;
-                }
-                continue;
-            }
-            var writer = new ChainWriter(memory, chain);
-            int chunk = (int)Math.Min((uint)(_rxLength - _rxOffset), chain.WritableLength);
-            int written = writer.Write(_rxBuffer.AsSpan(_rxOffset, chunk));
-            _rxUsed[_rxUsedCount++] = (chain.Head, (uint)written);
-            if (written != chunk)
-            {
-                // RAM disappeared under a checked chain: the frame is lost.
-                Interlocked.Increment(ref _rxDropped);
-                for (int i = 0; i < _rxUsedCount; i++)
-                    _rxUsed[i].Length = 0;
-                _rxLength = 0;
-                return FlushUsed(queue, memory, ref used) ? DeliverResult.Done : DeliverResult.Broken;
-            }
-            _rxOffset += written;
-        }
-
-        // §5.1.6.4: num_buffers in the first buffer's header, written before any used entry.
-        ushort count = (ushort)_rxUsedCount;
-        memory.TryWrite(_numBuffersLow, (byte)count);
-        memory.TryWrite(_numBuffersHigh, (byte)(count >> 8));
-        CountDelivered();
-        _rxLength = 0;
-        return FlushUsed(queue, memory, ref used) ? DeliverResult.Done : DeliverResult.Broken;
-    }
-
-    /// <summary>Records where bytes 10 and 11 of the writable part (num_buffers) are in guest
-    /// memory: the header may straddle descriptors.</summary>
-    private bool FindNumBuffers(DescriptorChain chain)
-    {
-        int found = 0;
-        uint start = 0;
-        foreach (ChainSegment s in chain.Writable)
-        {
-            for (uint wanted = NumBuffersOffset + (uint)found; found < 2 && wanted < start + s.Length; wanted++)
-            {
-                var address = new GuestAddress(s.Address.Value + (wanted - start));
-                if (found++ == 0)
-                    _numBuffersLow = address;
-                else
-                    _numBuffersHigh = address;
-            }
-            if (found == 2)
-                return true;
-            start += s.Length;
-        }
         return false;
-    }
-
-    /// <summary>
-    /// Returns the current frame's chains, then the bad ones met meanwhile, with one used.idx
-    /// store (virtio 1.2 §2.7.8): published one by one, the driver could see the first buffer,
-    /// whose num_buffers counts the rest (§5.1.6.4), before the rest are in the used ring, and
-    /// Linux's receive_mergeable then drops the frame ("rx error: %d buffers out of %d missing").
-    /// </summary>
-    private bool FlushUsed(VirtQueue queue, GuestMemory memory, ref bool used)
-    {
-        bool ok = true;
-        used |= _rxUsedCount + _rxDeferredBadCount != 0;
-        for (int i = 0; i < _rxUsedCount && ok; i++)
-            ok = queue.TryWriteUsed(memory, _rxUsed[i].Head, _rxUsed[i].Length);
-        for (int i = 0; i < _rxDeferredBadCount && ok; i++)
-            ok = queue.TryWriteUsed(memory, _rxDeferredBad[i], 0);
-        _rxUsedCount = 0;
-        _rxDeferredBadCount = 0;
-        if (!ok || !queue.TryPublishUsed(memory))
-        {
-            _runtime.MarkBroken(_interrupt, RxQueueIndex);
-            return false;
-        }
-        return true;
-    }
-
-    private bool AddUsed(VirtQueue queue, GuestMemory memory, ushort head, uint length, ref bool used)
-    {
-        if (!queue.TryAddUsed(memory, head, length))
-        {
-            _runtime.MarkBroken(_interrupt, RxQueueIndex);
-            return false;
-        }
-        used = true;
-        return true;
-    }
-
-    private void CountDelivered()
-    {
-        Interlocked.Increment(ref _rxFrames);
-        Interlocked.Add(ref _rxBytes, _rxLength - HeaderSize);
     }
 }

@@ -16,7 +16,7 @@ namespace KvmSharp.Devices.Virtio;
 /// 0x3000 + 4·<i>n</i> (queue_notify_off = <i>n</i>, notify_off_multiplier = 4). The VMM should
 /// attach an ioeventfd to each queue's notify address (see <see cref="NotifyOffset"/>) and move
 /// it when <see cref="IPciBarObserver"/> reports the BAR moved; without one, a write there reaches
-/// <see cref="IVirtioDevice.QueueNotify"/>.</para>
+/// the <see cref="IVirtioQueueNotifier"/>, which signals the same queue event.</para>
 /// <para><b>BAR 2</b> (64-bit memory, <see cref="MsixTable.RegionSize"/>): MSI-X table and PBA,
 /// one vector per queue plus one for configuration changes.</para>
 /// <para><b>Interrupts.</b> With MSI-X enabled, a queue or configuration interrupt goes to the
@@ -27,10 +27,9 @@ namespace KvmSharp.Devices.Virtio;
 /// (VIRTIO_PCI_CAP_PCI_CFG, §4.1.4.9), then MSI-X.</para>
 /// <para><b>Threads.</b> BAR accesses serialise on the transport's lock; configuration space
 /// accesses come under the <see cref="PciRoot"/>'s lock and take this one inside it. Lock order:
-/// root, transport, device, MSI-X table. <see cref="Signal"/> takes no transport lock and
-/// <see cref="IVirtioDevice.QueueNotify"/> is called without it.</para>
+/// root, transport, device, MSI-X table. <see cref="Signal"/> and <see cref="NotifyQueue"/> take no transport lock.</para>
 /// </remarks>
-public sealed class VirtioPciTransport : IPciDevice, IVirtioInterrupt
+public sealed class VirtioPciTransport : IPciDevice, IVirtioInterrupt, IVirtioTransport
 {
     /// <summary>Size of BAR 0.</summary>
     public const ulong Bar0Size = 0x4000;
@@ -111,16 +110,17 @@ public sealed class VirtioPciTransport : IPciDevice, IVirtioInterrupt
     /// <param name="memory">Guest memory the queues live in.</param>
     /// <param name="msi">Delivers MSI-X messages.</param>
     /// <param name="intx">INTA# (level), used while MSI-X is disabled.</param>
+    /// <param name="notifier">The VMM's queue events: where notify-register writes go.</param>
     /// <param name="bar0Address">Initial address of BAR 0 (aligned to <see cref="Bar0Size"/>).</param>
     /// <param name="bar2Address">Initial address of BAR 2 (aligned to <see cref="MsixTable.RegionSize"/>).</param>
     /// <exception cref="ArgumentNullException">An argument is null.</exception>
     /// <exception cref="ArgumentException">The device does not offer VERSION_1, or has more queues than vectors fit.</exception>
     /// <exception cref="ArgumentOutOfRangeException">A BAR address is misaligned.</exception>
     public VirtioPciTransport(IVirtioDevice device, GuestMemory memory, IMsiSink msi, ILevelInterruptLine intx,
-        ulong bar0Address, ulong bar2Address)
+        IVirtioQueueNotifier notifier, ulong bar0Address, ulong bar2Address)
     {
         ArgumentNullException.ThrowIfNull(intx);
-        _core = new VirtioTransportCore(device, memory, this);
+        _core = new VirtioTransportCore(device, memory, this, notifier);
         int queues = _core.Queues.Length;
         if (queues + 1 > MsixTable.MaxVectors)
             throw new ArgumentException("Too many queues for the MSI-X table.", nameof(device));
@@ -194,19 +194,10 @@ public sealed class VirtioPciTransport : IPciDevice, IVirtioInterrupt
             PciCfgAccess(write: false);
     }
 
-    /// <summary>
-    /// A queue notification that arrived outside the bus: the VMM's ioeventfd for queue
-    /// <paramref name="queueIndex"/> fired (virtio 1.2 §4.1.4.4). Same effect as a guest write to
-    /// the notify region; ignored before DRIVER_OK or for a queue that does not exist.
-    /// </summary>
-    public void NotifyQueue(int queueIndex)
-    {
-        bool activated;
-        lock (_lock)
-            activated = _core.Activated;
-        if (activated && (uint)queueIndex < (uint)_core.Queues.Length)
-            _core.Device.QueueNotify(queueIndex);
-    }
+    /// <inheritdoc/>
+    /// <remarks>The queue's event fired: KVM's ioeventfd on the notify region (virtio 1.2
+    /// §4.1.4.4) or a notify write that reached the bus.</remarks>
+    public bool NotifyQueue(int queueIndex) => _core.NotifyQueue(queueIndex);
 
     /// <inheritdoc/>
     public void Signal(VirtioInterruptType type, int queueIndex)
@@ -337,18 +328,22 @@ public sealed class VirtioPciTransport : IPciDevice, IVirtioInterrupt
         }
         else
         {
-            ulong slot = (offset - NotifyOffset) / NotifyOffMultiplier;
-            bool activated;
-            lock (_lock)
-                activated = _core.Activated;
-            // Outside the lock: the device may be signalling (and so waiting on nothing of ours)
-            // from its worker while holding its own lock.
-            if (activated && slot < (ulong)_core.Queues.Length)
-                _core.Device.QueueNotify((int)slot);
+            _core.Kick((offset - NotifyOffset) / NotifyOffMultiplier);
         }
     }
 
-    private VirtQueue? SelectedQueueLocked => _queueSelect < _core.Queues.Length ? _core.Queues[_queueSelect] : null;
+    private VirtQueue? SelectedQueueLocked => _core.Queue(_queueSelect);
+
+    /// <summary>The queue address half at common-configuration <paramref name="offset"/> (low at the field, high 4 bytes on).</summary>
+    private static VirtioQueueRegister AddressHalf(int offset) => offset switch
+    {
+        queue_desc => VirtioQueueRegister.DescLow,
+        queue_desc + 4 => VirtioQueueRegister.DescHigh,
+        queue_driver => VirtioQueueRegister.DriverLow,
+        queue_driver + 4 => VirtioQueueRegister.DriverHigh,
+        queue_device => VirtioQueueRegister.DeviceLow,
+        _ => VirtioQueueRegister.DeviceHigh,
+    };
 
     private void CommonRead(int offset, Span<byte> data)
     {
@@ -367,19 +362,18 @@ public sealed class VirtioPciTransport : IPciDevice, IVirtioInterrupt
             case (device_status, 1): value = _core.Status; break;
             case (config_generation, 1): value = (byte)Volatile.Read(ref _configGeneration); break;
             case (queue_select, 2): value = _queueSelect; break;
-            case (queue_size, 2): value = q?.Size ?? 0u; break; // 0: queue unavailable (§4.1.4.3.2)
+            case (queue_size, 2): value = _core.ReadQueueRegister(_queueSelect, VirtioQueueRegister.Size); break; // 0: unavailable (§4.1.4.3.2)
             case (queue_msix_vector, 2): value = q is null ? NoVector : _queueVectors[_queueSelect]; break;
             case (queue_enable, 2): value = q?.Ready == true ? 1u : 0u; break;
             case (queue_notify_off, 2): value = q is null ? 0u : _queueSelect; break;
-            case (queue_desc, 4): value = (uint)(q?.DescriptorTable.Value ?? 0); break;
-            case (queue_desc + 4, 4): value = (uint)((q?.DescriptorTable.Value ?? 0) >> 32); break;
-            case (queue_driver, 4): value = (uint)(q?.AvailableRing.Value ?? 0); break;
-            case (queue_driver + 4, 4): value = (uint)((q?.AvailableRing.Value ?? 0) >> 32); break;
-            case (queue_device, 4): value = (uint)(q?.UsedRing.Value ?? 0); break;
-            case (queue_device + 4, 4): value = (uint)((q?.UsedRing.Value ?? 0) >> 32); break;
-            case (queue_desc, 8): BinaryPrimitives.WriteUInt64LittleEndian(data, q?.DescriptorTable.Value ?? 0); return;
-            case (queue_driver, 8): BinaryPrimitives.WriteUInt64LittleEndian(data, q?.AvailableRing.Value ?? 0); return;
-            case (queue_device, 8): BinaryPrimitives.WriteUInt64LittleEndian(data, q?.UsedRing.Value ?? 0); return;
+            case (queue_desc or queue_driver or queue_device or queue_desc + 4 or queue_driver + 4 or queue_device + 4, 4):
+                value = _core.ReadQueueRegister(_queueSelect, AddressHalf(offset));
+                break;
+            case (queue_desc or queue_driver or queue_device, 8):
+                VirtioQueueRegister low = AddressHalf(offset);
+                BinaryPrimitives.WriteUInt32LittleEndian(data, _core.ReadQueueRegister(_queueSelect, low));
+                BinaryPrimitives.WriteUInt32LittleEndian(data[4..], _core.ReadQueueRegister(_queueSelect, low + 1));
+                return;
             default: return; // reserved or mis-sized: reads 0
         }
         for (int i = 0; i < data.Length; i++)
@@ -392,7 +386,6 @@ public sealed class VirtioPciTransport : IPciDevice, IVirtioInterrupt
         for (int i = 0; i < data.Length && i < 8; i++)
             value |= (ulong)data[i] << (8 * i);
         VirtQueue? q = SelectedQueueLocked;
-        bool configurable = q is not null && _core.QueueConfigurable;
         switch (offset, data.Length)
         {
             case (device_feature_select, 4): _core.DeviceFeaturesSelect = (uint)value; break;
@@ -412,24 +405,23 @@ public sealed class VirtioPciTransport : IPciDevice, IVirtioInterrupt
                 }
                 break;
             case (queue_select, 2): _queueSelect = (ushort)value; break;
-            case (queue_size, 2): if (configurable) q!.Size = (ushort)value; break;
+            case (queue_size, 2): _core.WriteQueueRegister(_queueSelect, VirtioQueueRegister.Size, (uint)value); break;
             case (queue_msix_vector, 2):
                 if (q is not null)
                     _queueVectors[_queueSelect] = value < (ulong)_msix.VectorCount ? (ushort)value : NoVector;
                 break;
             case (queue_enable, 2):
                 // §4.1.4.3.2: the driver writes 1 only; 0 is not a way to disable a queue.
-                if (configurable && value == 1) q!.Ready = true;
+                if (value == 1 && _core.TryGetConfigurableQueue(_queueSelect, out VirtQueue? ready))
+                    ready.Ready = true;
                 break;
-            case (queue_desc, 4): if (configurable) q!.DescriptorTable = new((q.DescriptorTable.Value & ~0xFFFF_FFFFUL) | value); break;
-            case (queue_desc + 4, 4): if (configurable) q!.DescriptorTable = new((q.DescriptorTable.Value & 0xFFFF_FFFFUL) | value << 32); break;
-            case (queue_driver, 4): if (configurable) q!.AvailableRing = new((q.AvailableRing.Value & ~0xFFFF_FFFFUL) | value); break;
-            case (queue_driver + 4, 4): if (configurable) q!.AvailableRing = new((q.AvailableRing.Value & 0xFFFF_FFFFUL) | value << 32); break;
-            case (queue_device, 4): if (configurable) q!.UsedRing = new((q.UsedRing.Value & ~0xFFFF_FFFFUL) | value); break;
-            case (queue_device + 4, 4): if (configurable) q!.UsedRing = new((q.UsedRing.Value & 0xFFFF_FFFFUL) | value << 32); break;
-            case (queue_desc, 8): if (configurable) q!.DescriptorTable = new(value); break;
-            case (queue_driver, 8): if (configurable) q!.AvailableRing = new(value); break;
-            case (queue_device, 8): if (configurable) q!.UsedRing = new(value); break;
+            case (queue_desc or queue_driver or queue_device or queue_desc + 4 or queue_driver + 4 or queue_device + 4, 4):
+                _core.WriteQueueRegister(_queueSelect, AddressHalf(offset), (uint)value);
+                break;
+            case (queue_desc or queue_driver or queue_device, 8):
+                _core.WriteQueueRegister(_queueSelect, AddressHalf(offset), (uint)value);
+                _core.WriteQueueRegister(_queueSelect, AddressHalf(offset) + 1, (uint)(value >> 32));
+                break;
             default: break; // read-only, reserved or mis-sized
         }
     }

@@ -9,9 +9,8 @@ namespace KvmSharp.Devices.Virtio;
 /// </summary>
 /// <remarks>
 /// <para>Work per request is bounded by <see cref="MaxBytesPerRequest"/> (§5.4.6.1: the device
-/// MAY use less than the whole buffer), so processing is short enough to run inline on the
-/// notifying thread: <see cref="QueueNotify"/> processes the queue directly. The VMM may instead
-/// call <see cref="ProcessQueue"/> from its I/O thread when the queue's ioeventfd fires.</para>
+/// MAY use less than the whole buffer), so <see cref="QueueNotify"/> (the I/O thread) serves the
+/// queue at once.</para>
 /// <para>Malformed chains are returned with length 0 and counted; an impossible ring stops the
 /// device until reset (<see cref="Broken"/>).</para>
 /// <para>Threads: <see cref="ProcessQueue"/>, <see cref="Activate"/> and <see cref="Reset"/>
@@ -25,21 +24,19 @@ public sealed class VirtioRng : IVirtioDevice
     private readonly ushort _queueSize;
     private readonly DescriptorChain _chain;
     private readonly byte[] _scratch = new byte[4096];
-    private readonly VirtioDeviceRuntime _runtime = new("virtio-rng", null);
+    private readonly VirtioDeviceCore _core; // under _lock
     private readonly ChainHandler _fill;
-
-    // Guards everything below.
     private readonly Lock _lock = new();
-    private GuestMemory? _memory;
-    private VirtQueue? _queue;
-    private IVirtioInterrupt? _interrupt;
     private long _bytesServed;
 
     /// <summary>Creates the device with a request queue of at most <paramref name="queueSize"/> entries.</summary>
+    /// <param name="queueSize">Maximum size of the request queue.</param>
+    /// <param name="log">Where malformed chains are reported, rate-limited; null for none.</param>
     /// <exception cref="ArgumentOutOfRangeException">The size is not a power of two up to 32768.</exception>
-    public VirtioRng(ushort queueSize = 256)
+    public VirtioRng(ushort queueSize = 256, RateLimitedLog? log = null)
     {
-        _ = new VirtQueue(queueSize); // validates the size
+        VirtQueue.ValidateMaxSize(queueSize);
+        _core = new VirtioDeviceCore("virtio-rng", 1, log);
         _queueSize = queueSize;
         _chain = new DescriptorChain(queueSize);
         _fill = Fill;
@@ -55,14 +52,14 @@ public sealed class VirtioRng : IVirtioDevice
     /// <inheritdoc/>
     public int QueueCount => 1;
 
-    /// <summary>Malformed chains seen since creation.</summary>
-    public long BadChains => _runtime.BadChains;
+    /// <summary>Malformed chains seen since creation (each logged, rate-limited).</summary>
+    public long BadChains => _core.BadChains;
 
     /// <summary>Random bytes handed to the guest since creation.</summary>
     public long BytesServed => Interlocked.Read(ref _bytesServed);
 
     /// <summary>True after the driver corrupted the ring; cleared by reset.</summary>
-    public bool Broken => _runtime.Broken;
+    public bool Broken => _core.Broken;
 
     /// <inheritdoc/>
     public ushort QueueMaxSize(int index) => _queueSize;
@@ -79,49 +76,30 @@ public sealed class VirtioRng : IVirtioDevice
     /// <inheritdoc/>
     public bool Activate(GuestMemory memory, ulong negotiatedFeatures, IReadOnlyList<VirtQueue> queues, IVirtioInterrupt interrupt)
     {
-        ArgumentNullException.ThrowIfNull(memory);
-        ArgumentNullException.ThrowIfNull(queues);
-        ArgumentNullException.ThrowIfNull(interrupt);
         lock (_lock)
-        {
-            if (queues.Count != 1 || !queues[0].Ready)
-                return false; // the request queue is the device's only function
-            _memory = memory;
-            _queue = queues[0];
-            _interrupt = interrupt;
-            _runtime.ClearBroken();
-        }
-        return true;
+            return _core.Activate(memory, negotiatedFeatures, queues, interrupt, requiredQueues: 1); // the request queue is the device's only function
     }
 
     /// <inheritdoc/>
     public void Reset()
     {
         lock (_lock)
-        {
-            _memory = null;
-            _queue = null;
-            _interrupt = null;
-            _runtime.ClearBroken();
-        }
+            _core.Reset();
     }
 
     /// <inheritdoc/>
-    public void QueueNotify(int queueIndex)
+    public bool QueueNotify(int queueIndex)
     {
         if (queueIndex == 0)
             ProcessQueue();
+        return false;
     }
 
     /// <summary>Serves every available request, then signals the driver if it wants it.</summary>
     public void ProcessQueue()
     {
         lock (_lock)
-        {
-            if (_queue is not { } queue || _memory is not { } memory || _interrupt is not { } interrupt || Broken)
-                return;
-            _runtime.Drain(queue, 0, memory, interrupt, _chain, _fill);
-        }
+            _core.Serve(0, _chain, _fill);
     }
 
     private uint Fill(GuestMemory memory, DescriptorChain chain)

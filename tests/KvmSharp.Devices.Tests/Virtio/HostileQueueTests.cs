@@ -82,7 +82,7 @@ public sealed class HostileQueueTests : IDisposable
     {
         GuestMemory memory = Ram(ram);
         var rng = new VirtioRng(queueSize);
-        var mmio = new VirtioMmioTransport(rng, memory, new CountingLine());
+        var mmio = TestTransports.Mmio(rng, memory, new CountingLine());
         var driver = new MockDriver(memory, queueSize);
         BringUp(mmio, driver);
         return (rng, mmio, driver, memory);
@@ -377,7 +377,7 @@ public sealed class HostileQueueTests : IDisposable
         for (int i = 0; i < disk.Bytes.Length; i++)
             disk.Bytes[i] = (byte)(i * 7);
         var blk = new VirtioBlock(disk, "hostile", queueSize: queueSize);
-        var mmio = new VirtioMmioTransport(blk, memory, new CountingLine());
+        var mmio = TestTransports.Mmio(blk, memory, new CountingLine());
         var driver = new MockDriver(memory, queueSize);
         BringUp(mmio, driver);
         return (blk, mmio, driver, memory, disk);
@@ -519,7 +519,7 @@ public sealed class HostileQueueTests : IDisposable
             "console" => new VirtioConsole(Stream.Null, 16),
             _ => new VirtioBalloon(16),
         };
-        var mmio = new VirtioMmioTransport(device, memory, new CountingLine());
+        var mmio = TestTransports.Mmio(device, memory, new CountingLine());
         W(mmio, StatusReg, 0);
         W(mmio, StatusReg, 1);
         W(mmio, StatusReg, 3);

@@ -22,7 +22,7 @@ public sealed class TransportLockOrderTests : IDisposable
         var mmio = new Bus();
         var root = new PciRoot(mmio, new Bus());
         var msi = new RecordingMsiSink();
-        var pci = new VirtioPciTransport(rng, _memory, msi, new RecordingLevelLine(), 0xE000_0000, 0xE000_4000);
+        var pci = TestTransports.Pci(rng, _memory, msi, new RecordingLevelLine(), 0xE000_0000, 0xE000_4000);
         int slot = root.AddDevice(pci);
         root.ConfigWrite(0, slot, 0, PciConfigSpace.COMMAND, [0x06, 0x00]);
         var driver = new MockDriver(_memory, 16);

@@ -94,7 +94,7 @@ public sealed class VirtioBalloonTests : IDisposable
     public void SetTargetPages_ThroughTheMmioTransport_BumpsTheGeneration()
     {
         var line = new CountingLine();
-        var mmio = new VirtioMmioTransport(_balloon, _memory, line);
+        var mmio = TestTransports.Mmio(_balloon, _memory, line);
         var b = new byte[4];
         mmio.Read(0xfc, b);
         uint before = BinaryPrimitives.ReadUInt32LittleEndian(b);

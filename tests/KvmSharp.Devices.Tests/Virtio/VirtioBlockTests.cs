@@ -33,6 +33,7 @@ public sealed class VirtioBlockTests : IDisposable
 
     public void Dispose()
     {
+        _blk?.Dispose();
         _image?.Dispose();
         _memory.Dispose();
         File.Delete(_path);
@@ -59,7 +60,7 @@ public sealed class VirtioBlockTests : IDisposable
         _memory.Write(new GuestAddress(Status), (byte)0xEE);
         ushort used = _driver.UsedIdx;
         ushort head = _driver.AddChain(buffers);
-        _blk.QueueNotify(0);
+        _blk.QueueNotify(0); _blk.WaitIdle();
         Assert.Equal((ushort)(used + 1), _driver.UsedIdx);
         var (id, len) = _driver.Used(used);
         Assert.Equal(head, id);
@@ -471,11 +472,11 @@ public sealed class VirtioBlockTests : IDisposable
         _driver = new MockDriver(_memory, 16);
         Header(T_IN, 0);
         _driver.AddChain((Hdr, 16, false), (Data, 512, true), (Status, 1, true));
-        _blk.QueueNotify(0);
+        _blk.QueueNotify(0); _blk.WaitIdle();
         Assert.Equal(0, _driver.UsedIdx);
         Assert.True(_blk.Activate(_memory, _blk.DeviceFeatures, [_driver.Queue], _irq));
         _blk.Reset();
-        _blk.QueueNotify(0);
+        _blk.QueueNotify(0); _blk.WaitIdle();
         Assert.Equal(0, _driver.UsedIdx);
         Assert.False(_blk.Activate(_memory, _blk.DeviceFeatures, [new VirtQueue(16)], _irq)); // not ready
     }
@@ -496,16 +497,16 @@ public sealed class VirtioBlockTests : IDisposable
 
         Header(T_IN, 5);
         mq.AddChain(1, (Hdr, 16, false), (Data, 512, true), (Status, 1, true));
-        _blk.QueueNotify(0); // nothing on queue 0
+        _blk.QueueNotify(0); _blk.WaitIdle(); // nothing on queue 0
         Assert.Equal(0, mq.UsedIdx(1));
-        _blk.QueueNotify(1);
+        _blk.QueueNotify(1); _blk.WaitIdle();
         Assert.Equal(1, mq.UsedIdx(1));
         Assert.Equal(513u, mq.Used(1, 0).Len);
         Assert.Equal(1, _irq.LastQueue);
         Assert.Equal(Disk().AsSpan(5 * 512, 512).ToArray(), Guest(Data, 512));
-        _blk.QueueNotify(2);
-        _blk.QueueNotify(3);
-        _blk.QueueNotify(-1);
+        _blk.QueueNotify(2); _blk.WaitIdle();
+        _blk.QueueNotify(3); _blk.WaitIdle();
+        _blk.QueueNotify(-1); _blk.WaitIdle();
         Assert.Equal(1, _blk.Requests);
         Assert.Throws<ArgumentOutOfRangeException>(() => new VirtioBlock(_image, "x", false, 16, 0));
         Assert.Equal(0UL, new VirtioBlock(_image, "x").DeviceFeatures & VirtioBlockFeatures.MQ);
@@ -567,7 +568,7 @@ public sealed class VirtioBlockTests : IDisposable
         _image = RawImage.Open(_path, false);
         _blk = new VirtioBlock(_image, "kvmsharp-disk0", queueSize: 16);
         var line = new CountingLine();
-        var mmio = new VirtioMmioTransport(_blk, _memory, line);
+        var mmio = TestTransports.Mmio(_blk, _memory, line);
         var b = new byte[8];
         mmio.Read(0x100, b); // config: capacity
         Assert.Equal(DiskSize / 512, BinaryPrimitives.ReadUInt64LittleEndian(b));
@@ -679,6 +680,80 @@ public sealed class VirtioBlockTests : IDisposable
         Assert.Equal(3000, _blk.Requests + _blk.BadChains);
         Assert.True(_blk.Requests > 300, $"only {_blk.Requests} requests reached the device");
         Assert.True(_blk.Requests - _blk.IoErrors - _blk.Unsupported > 200, $"only {_blk.Requests - _blk.IoErrors - _blk.Unsupported} succeeded");
+    }
+
+    [Fact]
+    public void SlowDisk_BlocksOnlyTheWorker_AndResetWaitsForTheRequestInFlight()
+    {
+        using var disk = new GateDisk();
+        _blk = new VirtioBlock(disk, "slow", queueSize: 16);
+        _driver = new MockDriver(_memory, 16);
+        Assert.True(_blk.Activate(_memory, _blk.DeviceFeatures, [_driver.Queue], _irq));
+        _memory.Write(new GuestAddress(Status), (byte)0xEE);
+        Header(T_FLUSH, 0);
+        _driver.AddChain((Hdr, 16, false), (Status, 1, true));
+
+        var notify = System.Diagnostics.Stopwatch.StartNew();
+        _blk.QueueNotify(0); // the I/O thread's call: returns while the fsync hangs
+        Assert.True(notify.ElapsedMilliseconds < 1000);
+        Assert.True(disk.FlushEntered.Wait(TimeSpan.FromSeconds(10), TestContext.Current.CancellationToken));
+
+        var reset = new Thread(() => _blk.Reset()) { IsBackground = true };
+        reset.Start();
+        Assert.False(reset.Join(200)); // the request in flight still owns guest memory
+        disk.Release.Set();
+        Assert.True(reset.Join(TimeSpan.FromSeconds(10)));
+        Assert.Equal((ushort)1, _driver.UsedIdx);
+        Assert.Equal(S_OK, _memory.Read<byte>(new GuestAddress(Status)));
+
+        // After Reset the worker touches nothing.
+        _driver.AddChain((Hdr, 16, false), (Status, 1, true));
+        _blk.QueueNotify(0);
+        _blk.WaitIdle();
+        Assert.Equal((ushort)1, _driver.UsedIdx);
+    }
+
+    /// <summary>A disk whose Flush waits for the test.</summary>
+    private sealed class GateDisk : IBlockDevice
+    {
+        public ManualResetEventSlim FlushEntered { get; } = new();
+
+        public ManualResetEventSlim Release { get; } = new();
+
+        public ulong Size => 1 << 20;
+
+        public bool ReadOnly => false;
+
+        public int Read(Span<byte> buffer, ulong offset)
+        {
+            buffer.Clear();
+            return buffer.Length;
+        }
+
+        public void Write(ReadOnlySpan<byte> data, ulong offset)
+        {
+        }
+
+        public void Flush()
+        {
+            FlushEntered.Set();
+            Release.Wait(TimeSpan.FromSeconds(30));
+        }
+
+        public void Discard(ulong offset, ulong length)
+        {
+        }
+
+        public void WriteZeroes(ulong offset, ulong length)
+        {
+        }
+
+        public void Dispose()
+        {
+            Release.Set();
+            FlushEntered.Dispose();
+            Release.Dispose();
+        }
     }
 
     private sealed class FailingDisk : IBlockDevice

@@ -49,7 +49,11 @@ internal sealed class FakeVirtioDevice : IVirtioDevice
     /// <summary>Set by a test to stand for a device that stopped on an impossible ring.</summary>
     public bool Broken { get; set; }
 
-    public void QueueNotify(int queueIndex) => Notified.Add(queueIndex);
+    public bool QueueNotify(int queueIndex)
+    {
+        Notified.Add(queueIndex);
+        return false;
+    }
 }
 
 public sealed class VirtioMmioTransportTests : IDisposable
@@ -71,7 +75,7 @@ public sealed class VirtioMmioTransportTests : IDisposable
     private readonly CountingLine _irq = new();
     private readonly VirtioMmioTransport _mmio;
 
-    public VirtioMmioTransportTests() => _mmio = new VirtioMmioTransport(_device, _memory, _irq);
+    public VirtioMmioTransportTests() => _mmio = TestTransports.Mmio(_device, _memory, _irq);
 
     public void Dispose() => _memory.Dispose();
 
@@ -273,7 +277,7 @@ public sealed class VirtioMmioTransportTests : IDisposable
     public void Constructor_RequiresVersion1()
     {
         var legacy = new FakeVirtioDevice { Offered = 1 };
-        Assert.Throws<ArgumentException>(() => new VirtioMmioTransport(legacy, _memory, _irq));
+        Assert.Throws<ArgumentException>(() => TestTransports.Mmio(legacy, _memory, _irq));
     }
 
     [Fact]

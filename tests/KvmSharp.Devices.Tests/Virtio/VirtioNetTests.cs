@@ -289,7 +289,7 @@ public sealed class VirtioNetTests : IDisposable
     public void ThroughVirtioMmio_NegotiatesAndRuns()
     {
         var line = new CountingLine();
-        var mmio = new VirtioMmioTransport(_net, _memory, line);
+        var mmio = TestTransports.Mmio(_net, _memory, line);
         void W(ulong offset, uint value)
         {
             Span<byte> b = stackalloc byte[4];

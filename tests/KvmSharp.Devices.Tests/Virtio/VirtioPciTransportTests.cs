@@ -40,7 +40,7 @@ public sealed class VirtioPciTransportTests : IDisposable
     public VirtioPciTransportTests()
     {
         _root = new PciRoot(_mmio, _pio);
-        _pci = new VirtioPciTransport(_device, _memory, _msi, _intx, Bar0, Bar2);
+        _pci = TestTransports.Pci(_device, _memory, _msi, _intx, Bar0, Bar2);
         _slot = _root.AddDevice(_pci);
         CfgWrite(PCI_COMMAND, 2, 0x0006); // memory decode + bus master (pci_enable_device)
     }

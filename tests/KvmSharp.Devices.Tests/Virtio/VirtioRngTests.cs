@@ -8,14 +8,16 @@ namespace KvmSharp.Devices.Tests.Virtio;
 public sealed class VirtioRngTests : IDisposable
 {
     private readonly GuestMemory _memory = GuestMemory.CreateForTesting([(new GuestAddress(0), 1UL << 20)]);
-    private readonly VirtioRng _rng = new(16);
+    private readonly StringWriter _log = new();
+    private readonly VirtioRng _rng;
     private readonly CountingLine _irq = new();
     private readonly VirtioMmioTransport _mmio;
     private readonly MockDriver _driver;
 
     public VirtioRngTests()
     {
-        _mmio = new VirtioMmioTransport(_rng, _memory, _irq);
+        _rng = new VirtioRng(16, new RateLimitedLog(_log, burst: 10, TimeSpan.FromMinutes(1)));
+        _mmio = TestTransports.Mmio(_rng, _memory, _irq);
         _driver = new MockDriver(_memory, 16); // ring layout and descriptor writer
     }
 
@@ -111,10 +113,12 @@ public sealed class VirtioRngTests : IDisposable
         W(0x50, 0);
         Assert.Equal((3u, 0u), _driver.Used(0));
         Assert.Equal(1, _rng.BadChains);
+        Assert.Contains("virtio-rng: malformed descriptor chain (head 3)", _log.ToString(), StringComparison.Ordinal);
 
         _driver.SetAvailIdx(100); // impossible
         W(0x50, 0);
         Assert.True(_rng.Broken);
+        Assert.Contains("virtio-rng: impossible ring state on queue 0", _log.ToString(), StringComparison.Ordinal);
         W(0x70, 0); // reset clears it
         Assert.False(_rng.Broken);
     }

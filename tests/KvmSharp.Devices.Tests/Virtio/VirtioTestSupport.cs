@@ -1,3 +1,4 @@
+using KvmSharp.Devices.Pci;
 using KvmSharp.Devices.Virtio;
 using KvmSharp.Memory;
 
@@ -98,5 +99,49 @@ internal sealed class MultiQueueDriver
     {
         ulong a = UsedAddr(q) + 4 + 8UL * (ushort)(i % Size);
         return (_memory.Read<uint>(new GuestAddress(a)), _memory.Read<uint>(new GuestAddress(a + 4)));
+    }
+}
+
+/// <summary>
+/// The VMM's queue events, run inline: a notify write is served on the writing thread, as if
+/// the I/O thread read the queue's eventfd at once. Counts the kicks.
+/// </summary>
+internal sealed class InlineQueueNotifier : IVirtioQueueNotifier
+{
+    private int _kicks;
+
+    public IVirtioTransport? Transport { get; set; }
+
+    public int Kicks => Volatile.Read(ref _kicks);
+
+    /// <summary>Runs after each kick: waits for a device's own worker (virtio-blk).</summary>
+    public Action? Then { get; set; }
+
+    public void Notify(int queueIndex)
+    {
+        Interlocked.Increment(ref _kicks);
+        Transport?.NotifyQueue(queueIndex);
+        Then?.Invoke();
+    }
+}
+
+/// <summary>Transports wired to an <see cref="InlineQueueNotifier"/>.</summary>
+internal static class TestTransports
+{
+    public static VirtioMmioTransport Mmio(IVirtioDevice device, GuestMemory memory, IInterruptLine irq)
+    {
+        var notifier = new InlineQueueNotifier { Then = device is VirtioBlock blk ? blk.WaitIdle : null };
+        var transport = new VirtioMmioTransport(device, memory, irq, notifier);
+        notifier.Transport = transport;
+        return transport;
+    }
+
+    public static VirtioPciTransport Pci(IVirtioDevice device, GuestMemory memory, IMsiSink msi, ILevelInterruptLine intx,
+        ulong bar0Address, ulong bar2Address)
+    {
+        var notifier = new InlineQueueNotifier { Then = device is VirtioBlock blk ? blk.WaitIdle : null };
+        var transport = new VirtioPciTransport(device, memory, msi, intx, notifier, bar0Address, bar2Address);
+        notifier.Transport = transport;
+        return transport;
     }
 }
