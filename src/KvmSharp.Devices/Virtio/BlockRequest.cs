@@ -88,9 +88,14 @@ public readonly struct BlockRequest
     /// Parses the request in <paramref name="chain"/> (already validated as a descriptor chain by
     /// <see cref="VirtQueue.TryPop"/>) against a disk of <paramref name="capacitySectors"/>.
     /// </summary>
+    /// <param name="memory">Guest memory the chain's buffers lie in.</param>
+    /// <param name="chain">The request's descriptor chain.</param>
+    /// <param name="capacitySectors">The disk's size in 512-byte sectors (virtio 1.2 §5.2.4 capacity).</param>
+    /// <param name="readOnly">The disk is read-only (VIRTIO_BLK_F_RO): writes are refused.</param>
     /// <param name="segments">Receives the DISCARD/WRITE_ZEROES segments; its length is the most
     /// segments a request may carry.</param>
     /// <param name="maxSegmentSectors">The most sectors one segment may cover.</param>
+    /// <param name="request">The parsed request, when the method returns true.</param>
     /// <returns>False when the chain has no device-writable byte to carry a status: the driver
     /// cannot learn any outcome, so nothing may be done (the chain goes back with length 0).</returns>
     public static bool Parse(GuestMemory memory, DescriptorChain chain, ulong capacitySectors, bool readOnly,
