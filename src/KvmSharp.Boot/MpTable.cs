@@ -1,4 +1,5 @@
 using System.Text;
+using KvmSharp.Boot.Acpi;
 using KvmSharp.Memory;
 
 namespace KvmSharp.Boot;
@@ -8,7 +9,7 @@ namespace KvmSharp.Boot;
 /// the MP floating pointer structure (§4.1) at <see cref="LowMemory.MpTable"/> (the EBDA's first KiB,
 /// one of the places Linux's smp_scan_config searches), followed by the configuration table (§4.2):
 /// one processor entry per vCPU (local APIC id = vCPU index, BSP flag on 0), one ISA bus, one IOAPIC
-/// (id = cpuCount, version 0x11, at 0xFEC00000), 16 I/O interrupt entries mapping ISA IRQ i to IOAPIC
+/// (id = cpuCount, version 0x11, at <see cref="PlatformLayout.IoApicAddress"/>), 16 I/O interrupt entries mapping ISA IRQ i to IOAPIC
 /// pin i (identity, as KVM's default GSI routing and Firecracker's mptable.rs do), and local interrupt
 /// entries ExtINT → LINT0 and NMI → LINT1. All of it lies in the e820-reserved [0x9FC00, 1 MiB).
 /// </summary>
@@ -17,11 +18,9 @@ public static class MpTable
     /// <summary>APIC ids 0..253 for CPUs, 254 for the IOAPIC; 255 is the broadcast id.</summary>
     public const int MaxCpus = 254;
 
-    public const uint LocalApicAddress = 0xFEE00000;
-    public const uint IoApicAddress = 0xFEC00000;
     public const byte IoApicVersion = 0x11;
     public const byte LocalApicVersion = 0x14;
-    public const int IsaIrqCount = 16;
+    private const int IsaIrqCount = PlatformLayout.IsaIrqCount;
 
     private const int FloatingPointerSize = 16;
     private const int HeaderSize = 44;
@@ -85,7 +84,7 @@ public static class MpTable
         t[p + 1] = ioApicId;
         t[p + 2] = IoApicVersion;
         t[p + 3] = 1;                           // EN
-        Le.W32(t, p + 4, IoApicAddress);
+        Le.W32(t, p + 4, (uint)PlatformLayout.IoApicAddress);
         p += SmallEntrySize;
         for (int irq = 0; irq < IsaIrqCount; irq++)
         {
@@ -111,7 +110,7 @@ public static class MpTable
         Encoding.ASCII.GetBytes("KVMSHARP").CopyTo(t, cfg + 8);       // OEM id, 8 bytes
         Encoding.ASCII.GetBytes("000000000000").CopyTo(t, cfg + 16);  // product id, 12 bytes
         Le.W16(t, cfg + 34, (ushort)(cpuCount + 2 + IsaIrqCount + 2)); // entry count
-        Le.W32(t, cfg + 36, LocalApicAddress);
+        Le.W32(t, cfg + 36, (uint)PlatformLayout.LocalApicAddress);
         t[cfg + 7] = Checksum(t.AsSpan(cfg, p - cfg));
         return t;
     }

@@ -3,12 +3,13 @@ namespace KvmSharp.Devices;
 /// <summary>
 /// The ACPI fixed-hardware power-management registers of a full (not hardware-reduced) ACPI
 /// platform (ACPI 6.5 §4.8.3): the PM1a event block (PM1_STS, PM1_EN) and the PM1a control block
-/// (PM1_CNT), at the ports the FADT names (KvmSharp.Boot.Acpi.PlatformLayout: 0x600 and 0x604).
+/// (PM1_CNT), inserted at the port the FADT names as PM1a_EVT_BLK (the machine layout,
+/// KvmSharp.Boot.Acpi.PlatformLayout, says where; PM1a_CNT_BLK is at base + 4).
 /// Its job is <c>poweroff</c>: the guest writes SLP_TYP = 5 (the \_S5 value in our DSDT) with
 /// SLP_EN, and the device calls <c>powerOff</c>.
 /// </summary>
 /// <remarks>
-/// <para>Register map from <see cref="DefaultBase"/>: +0 PM1_STS (16 bits, write 1 to clear),
+/// <para>Register map from the base port: +0 PM1_STS (16 bits, write 1 to clear),
 /// +2 PM1_EN (16 bits), +4 PM1_CNT (16 bits), +6 and +7 reserved (read 0). Accesses of any width
 /// are applied byte by byte, which is exact here: SLP_TYP (bits 12:10) and SLP_EN (bit 13) share
 /// the control register's high byte.</para>
@@ -23,9 +24,6 @@ namespace KvmSharp.Devices;
 /// </remarks>
 public sealed class AcpiPm : IBusDevice
 {
-    /// <summary>Conventional base port (the FADT's PM1a_EVT_BLK); PM1a_CNT_BLK is at base + 4.</summary>
-    public const ushort DefaultBase = 0x600;
-
     /// <summary>Ports to insert the device with.</summary>
     public const int PortCount = 8;
 
@@ -126,7 +124,7 @@ public sealed class AcpiPm : IBusDevice
 }
 
 /// <summary>
-/// The reset control register at port 0xCF9 (Intel ICH/PCH "RST_CNT"; the FADT's RESET_REG with
+/// The reset control register, conventionally port 0xCF9 (Intel ICH/PCH "RST_CNT"; the FADT's RESET_REG with
 /// RESET_VALUE 0x06): a write with RST_CPU (bit 2) set calls <c>reset</c>, whatever SYS_RST
 /// (bit 1, hard vs. soft) and FULL_RST (bit 3) say. Linux writes it for ACPI reboot and for
 /// <c>reboot=pci</c> (0x02, then 0x06 or 0x0E).
@@ -134,7 +132,7 @@ public sealed class AcpiPm : IBusDevice
 /// <remarks>
 /// <para>Port 0xCF9 lies inside the PCI configuration mechanism #1 ports 0xCF8–0xCFF, which
 /// <c>Pci.PciRoot.ConfigIo</c> claims as one range. Without PCI, insert this device at
-/// <see cref="Port"/> with length 1. With PCI, insert <see cref="CombineWithPciConfigIo"/> at 0xCF8
+/// 0xCF9 with length 1. With PCI, insert <see cref="CombineWithPciConfigIo"/> at 0xCF8
 /// with length 8 instead of <c>ConfigIo</c>: single-byte accesses to 0xCF9 come here (as on
 /// Intel chipsets, where CONFIG_ADDRESS responds only to 32-bit accesses), the rest go to PCI.</para>
 /// <para>Reads return the last SYS_RST/FULL_RST bits written; RST_CPU reads 0. <c>reset</c> runs on
@@ -142,9 +140,6 @@ public sealed class AcpiPm : IBusDevice
 /// </remarks>
 public sealed class ResetControl : IBusDevice
 {
-    /// <summary>The register's port.</summary>
-    public const ushort Port = 0xCF9;
-
     private const byte SYS_RST = 0x02;
     private const byte RST_CPU = 0x04;
     private const byte FULL_RST = 0x08;
@@ -193,7 +188,8 @@ public sealed class ResetControl : IBusDevice
 
     private sealed class SharedPorts(ResetControl reset, IBusDevice pci) : IBusDevice
     {
-        private const ulong ResetOffset = Port - 0xCF8;
+        // 0xCF9 − 0xCF8: the byte after CONFIG_ADDRESS's first.
+        private const ulong ResetOffset = 1;
 
         public void Read(ulong offset, Span<byte> data)
         {

@@ -85,6 +85,20 @@ public sealed unsafe class KvmVm : IDisposable
             KvmException.Throw("KVM_IRQFD");
     }
 
+    /// <summary>
+    /// KVM_IRQFD with KVM_IRQFD_FLAG_RESAMPLE (api.rst §4.75): a write to <paramref name="eventFd"/>
+    /// asserts <paramref name="gsi"/> as a level; when the guest EOIs it, KVM deasserts it and
+    /// signals <paramref name="resampleFd"/>, so the VMM re-asserts while the source is still pending.
+    /// Needs the in-kernel irqchip (KVM_CAP_IRQFD_RESAMPLE).
+    /// </summary>
+    /// <exception cref="KvmException">The host refused it.</exception>
+    public void RegisterIrqfdWithResample(int eventFd, uint gsi, int resampleFd)
+    {
+        var irqfd = new kvm_irqfd { fd = (uint)eventFd, gsi = gsi, flags = KvmConstants.KVM_IRQFD_FLAG_RESAMPLE, resamplefd = (uint)resampleFd };
+        if (Libc.ioctl(Fd, KVM_IRQFD, &irqfd) < 0)
+            KvmException.Throw("KVM_IRQFD(resample)");
+    }
+
     /// <summary>KVM_IRQFD with KVM_IRQFD_FLAG_DEASSIGN.</summary>
     public void UnregisterIrqfd(int eventFd, uint gsi)
     {

@@ -9,18 +9,20 @@ namespace KvmSharp.Vmm;
 
 /// <summary>
 /// One vCPU's thread: KVM_RUN, dispatch the exit synchronously to the PIO or MMIO bus, re-enter
-/// (style.md §6). Nothing on the exit path allocates. A stop request sets <c>immediate_exit</c> and
-/// signals the thread, so KVM_RUN returns EINTR and the loop sees the stop.
+/// (style.md §6). Nothing on the exit path allocates. A stop or pause request sets
+/// <c>immediate_exit</c> and signals the thread, so KVM_RUN returns EINTR and the loop sees the
+/// request; a pause parks the thread in <see cref="VmLifecycle.Park"/> until resumed or stopped.
+/// The runner sees its VM only through a <see cref="VcpuContext"/>.
 /// </summary>
 internal sealed unsafe class VcpuRunner
 {
-    private readonly Vm _vm;
+    private readonly VcpuContext _vm;
     private readonly KvmVcpu _vcpu;
     private readonly PvmCompat? _pvm;
     private readonly Thread _thread;
     private volatile int _tid;
 
-    public VcpuRunner(Vm vm, KvmVcpu vcpu, PvmCompat? pvm)
+    public VcpuRunner(VcpuContext vm, KvmVcpu vcpu, PvmCompat? pvm)
     {
         _vm = vm;
         _vcpu = vcpu;
@@ -59,14 +61,21 @@ internal sealed unsafe class VcpuRunner
         finally
         {
             _tid = 0;
+            _vm.Lifecycle.VcpuExited();
         }
     }
 
     private void RunUntilStopped()
     {
         ref kvm_run run = ref _vcpu.RunData;
-        while (!_vm.StopRequested)
+        var lifecycle = _vm.Lifecycle;
+        while (!lifecycle.StopRequested)
         {
+            if (lifecycle.PauseRequested)
+            {
+                lifecycle.Park(); // out of KVM_RUN: the vCPU's state is in KVM, nothing to save here
+                continue;
+            }
             int rc = _vcpu.Run();
             if (rc < 0)
             {

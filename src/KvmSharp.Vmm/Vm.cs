@@ -11,23 +11,22 @@ using KvmSharp.Kvm;
 using KvmSharp.Memory;
 using KvmSharp.Vmm.Console;
 using KvmSharp.Vmm.Cpu;
-using KvmSharp.Vmm.Pci;
+using KvmSharp.Vmm.Interrupts;
+using KvmSharp.Vmm.Platform;
 using KvmSharp.Vmm.Pvm;
 using KvmSharp.Vmm.Virtio;
 
 namespace KvmSharp.Vmm;
 
 /// <summary>
-/// One running VM: KVM objects, guest RAM, the buses with their devices, and one thread per vCPU.
-/// Built by <see cref="Create"/>; <see cref="Run"/> blocks until the guest or the user ends it.
+/// One VM: KVM objects, guest RAM, its devices (a <see cref="DeviceManager"/> on the machine
+/// layout, <see cref="PlatformLayout"/>), and one thread per vCPU. Built by <see cref="Create"/>
+/// (state <see cref="VmState.Configured"/>); <see cref="Run"/> blocks until the guest or the user
+/// ends it; <see cref="Pause"/> and <see cref="Resume"/> may be called meanwhile from another
+/// thread, and <see cref="RequestStop"/> from any thread in any state (<see cref="VmLifecycle"/>).
 /// </summary>
 public sealed class Vm : IDisposable
 {
-    // Intel VMX needs three pages for the real-mode TSS and one for the identity map, outside RAM
-    // and below 4 GiB (api.rst: KVM_SET_TSS_ADDR). They sit just below the BIOS area at the top of the hole.
-    private const ulong TssAddress = 0xFFFB_D000;
-    private const ulong IdentityMapAddress = 0xFFFB_C000;
-    private const uint SerialGsi = 4;
     private const uint EpollEdgeTriggered = 1u << 31; // EPOLLET
 
     private readonly KvmSystem _kvm;
@@ -35,24 +34,17 @@ public sealed class Vm : IDisposable
     private readonly List<KvmVcpu> _vcpus = [];
     private readonly List<VcpuRunner> _runners = [];
     private readonly List<IDisposable> _owned = [];
-    private readonly ManualResetEventSlim _stopped = new();
+    private readonly VmLifecycle _lifecycle;
+    private readonly KvmInterruptController _interrupts;
+    private readonly DeviceManager _devices;
     private readonly RateLimitedLog _log;
     private readonly PanicDetector _panic = new();
     private readonly TextWriter _diagnostics;
-    private VmExit _exit;
-    private int _stopRequested;
     private Serial8250 _serial = null!;
     private ConsoleInput? _input;
     private Timer? _pvmPoller;
     private EventLoop? _eventLoop;
-    private VirtioNotifier? _virtioNotifier;
-    private ulong _nextBar = PlatformLayout.Pci32WindowStart;
-    private int _nextSlot = 1;
     private VirtioConsole? _virtioConsole;
-    private PciRoot? _pci;
-    private KvmMsiRoutes? _msi;
-    private int _mmioDevices;
-    private string _mmioCommandLine = "";
     private int _consoleOutFd = 1;
 
     private Vm(VmConfig config, KvmSystem kvm, KvmVm vmFd, GuestMemory memory, TextWriter diagnostics)
@@ -63,12 +55,21 @@ public sealed class Vm : IDisposable
         Memory = memory;
         _diagnostics = diagnostics;
         _log = new RateLimitedLog(diagnostics, burst: 20, period: TimeSpan.FromSeconds(10));
+        _lifecycle = new VmLifecycle(KickAll);
+        _interrupts = new KvmInterruptController(new KvmIrqRouting(vmFd), () => EventLoop, diagnostics);
+        _devices = new DeviceManager(memory, _interrupts, RequestStop, vmFd, () => EventLoop, diagnostics);
     }
 
     public VmConfig Config { get; }
     public GuestMemory Memory { get; }
-    public Bus PioBus { get; } = new();
-    public Bus MmioBus { get; } = new();
+    public Bus PioBus => _devices.PioBus;
+    public Bus MmioBus => _devices.MmioBus;
+
+    /// <summary>Where the VM is in its life.</summary>
+    public VmState State => _lifecycle.State;
+
+    /// <summary>The devices as placed (for state save and tests).</summary>
+    internal IReadOnlyList<DeviceInfo> Devices => _devices.Devices;
     public bool IsPvm { get; private init; }
     public BootResult Boot { get; private set; } = null!;
     public string EffectiveCommandLine { get; private set; } = "";
@@ -76,7 +77,7 @@ public sealed class Vm : IDisposable
     /// <summary>The virtio-balloon, when configured: <see cref="VirtioBalloon.SetTargetPages"/> resizes it.</summary>
     public VirtioBalloon? Balloon { get; private set; }
 
-    internal bool StopRequested => Volatile.Read(ref _stopRequested) != 0;
+    internal bool StopRequested => _lifecycle.StopRequested;
 
     /// <summary>
     /// Builds the VM: memory, in-kernel irqchip and PIT, devices, kernel, vCPUs. The kernel, initrd and
@@ -121,6 +122,7 @@ public sealed class Vm : IDisposable
             vm = new Vm(config, kvm, vmFd, memory, diagnostics) { IsPvm = pvm };
             vm._owned.AddRange(disks); // from here on the VM disposes them
             vm.Build(kernel, initrd, disks, template, consoleOutFd, consoleInFd);
+            vm._lifecycle.Configured();
             return vm;
         }
         catch (Exception e)
@@ -229,31 +231,22 @@ public sealed class Vm : IDisposable
             var r = Memory.Regions[i];
             _vmFd.SetUserMemoryRegion((uint)i, r.Start.Value, r.Size, r.HostAddressForKvm);
         }
-        TryHost(() => _vmFd.SetIdentityMapAddress(IdentityMapAddress), "KVM_SET_IDENTITY_MAP_ADDR");
-        TryHost(() => _vmFd.SetTssAddress(TssAddress), "KVM_SET_TSS_ADDR");
+        TryHost(() => _vmFd.SetIdentityMapAddress(PlatformLayout.IdentityMapAddress), "KVM_SET_IDENTITY_MAP_ADDR");
+        TryHost(() => _vmFd.SetTssAddress(PlatformLayout.TssAddress), "KVM_SET_TSS_ADDR");
         _vmFd.CreateIrqchip();
         _vmFd.CreatePit2();
 
-        // Legacy devices (docs: src/KvmSharp.Devices/README.md has the port map).
-        var serialIrq = new IrqfdLine(Libc.EventFd(), SerialGsi);
-        _owned.Add(serialIrq);
-        _vmFd.RegisterIrqfd(serialIrq.Fd, SerialGsi);
-        _serial = new Serial8250(serialIrq, new ConsoleOutput(consoleOutFd, _panic));
-        PioBus.Insert(_serial, 0x3F8, 8);
-        var i8042 = new I8042(() => RequestStop(VmExit.Of(VmExitKind.GuestReboot, "guest reset the CPU through the i8042")));
-        PioBus.Insert(i8042.DataPort, 0x60, 1);
-        PioBus.Insert(i8042.CommandPort, 0x64, 1);
-        ulong below4g = Math.Min(Config.MemoryBytes, MemoryLayout.MmioHoleStart);
-        PioBus.Insert(new CmosRtc(() => DateTime.UtcNow, below4g, Config.MemoryBytes - below4g), 0x70, 2);
-        // Port 0x80 is Linux's io_delay port: accept and ignore writes instead of logging each one.
-        PioBus.Insert(new NullDevice(), 0x80, 1);
-        if (Config.DebugExit)
-            PioBus.Insert(new DebugExit(v => RequestStop(VmExit.Of(VmExitKind.DebugExit, $"guest wrote 0x{v:x} to the debug-exit port", v))), 0xF4, 1);
-
-        ulong? rsdp = Config.Acpi ? BuildPlatform() : null;
+        // Every device goes where the machine layout says (PlatformLayout), as the ACPI and MP tables tell the guest.
+        _serial = _devices.AddLegacyDevices(new ConsoleOutput(consoleOutFd, _panic), Config.MemoryBytes, Config.DebugExit);
+        ulong? rsdp = null;
+        if (Config.Acpi)
+        {
+            rsdp = AcpiTables.Write(Memory, new AcpiConfig(Config.CpuCount, Config.MemoryBytes));
+            _devices.AddAcpiPlatform();
+        }
         AddVirtioDevices(disks);
 
-        string commandLine = Config.CommandLine + _mmioCommandLine;
+        string commandLine = Config.CommandLine + _devices.MmioCommandLine;
         EffectiveCommandLine = IsPvm ? PvmCompat.AdjustCommandLine(commandLine, template, _diagnostics) : commandLine;
         Boot = LinuxLoader.Load(Memory, kernel, new BootOptions
         {
@@ -267,6 +260,7 @@ public sealed class Vm : IDisposable
 
         var supported = _kvm.GetSupportedCpuid();
         var hook = new PvmHook();
+        var context = new VcpuContext(PioBus, MmioBus, Memory, _lifecycle, _log);
         for (int id = 0; id < Config.CpuCount; id++)
         {
             var vcpu = _vmFd.CreateVcpu(id);
@@ -278,35 +272,11 @@ public sealed class Vm : IDisposable
             VcpuSetup.SetLint(vcpu);
             if (id == 0)
                 VcpuSetup.SetBootRegisters(vcpu, Boot);
-            _runners.Add(new VcpuRunner(this, vcpu, IsPvm ? new PvmCompat(vcpu, Memory, hook) : null));
+            _runners.Add(new VcpuRunner(context, vcpu, IsPvm ? new PvmCompat(vcpu, Memory, hook) : null));
         }
 
         Func<ReadOnlySpan<byte>, int> deliver = _virtioConsole is { } hvc ? data => hvc.EnqueueInput(data) : data => _serial.EnqueueInput(data);
         _input = new ConsoleInput(consoleInFd, EventLoop, deliver, () => RequestStop(VmExit.Of(VmExitKind.UserQuit, "quit from the console (Ctrl-A x)")));
-    }
-
-    /// <summary>
-    /// ACPI tables, the ACPI PM and reset registers and the PCI host bridge (mechanism #1 and ECAM),
-    /// whose virtio-pci devices get their queue kicks on ioeventfds served by the I/O thread.
-    /// Returns the RSDP address for the zero page.
-    /// </summary>
-    private ulong BuildPlatform()
-    {
-        ulong rsdp = AcpiTables.Write(Memory, new AcpiConfig(Config.CpuCount, Config.MemoryBytes));
-        PioBus.Insert(new AcpiPm(() => RequestStop(VmExit.Of(VmExitKind.GuestPowerOff, "guest powered off (ACPI S5)"))),
-            PlatformLayout.Pm1aEventBlock, PlatformLayout.AcpiPmPortCount);
-        var reset = new ResetControl(() => RequestStop(VmExit.Of(VmExitKind.GuestReboot, "guest reset through the ACPI reset register")));
-
-        var notifier = new VirtioNotifier();
-        _virtioNotifier = notifier;
-        var pci = new PciRoot(MmioBus, PioBus, notifier);
-        PioBus.Insert(reset.CombineWithPciConfigIo(pci.ConfigIo), PciRoot.ConfigIoBase, PciRoot.ConfigIoLength);
-        MmioBus.Insert(pci.Ecam, PlatformLayout.EcamBase, PlatformLayout.EcamSize);
-
-        _pci = pci;
-        _msi = new KvmMsiRoutes(_vmFd, _diagnostics);
-        _owned.Add(_msi);
-        return rsdp;
     }
 
     /// <summary>The virtio devices of the config, on virtio-pci or (opt-in) virtio-mmio.</summary>
@@ -337,7 +307,7 @@ public sealed class Vm : IDisposable
         foreach (var n in Config.Nets)
         {
             var tap = TapNetBackend.Open(n.Tap);
-            _owned.Add(tap);
+            _devices.Own(tap);
             var net = new VirtioNet(tap, n.Mac, log: _log);
             AddVirtio(net);
             EventLoop.Add(tap.Fd, Libc.EPOLLIN | EpollEdgeTriggered, new NetPump(net));
@@ -347,61 +317,7 @@ public sealed class Vm : IDisposable
 
     private EventLoop EventLoop => _eventLoop ??= new EventLoop { OnError = e => RequestStop(VmExit.Of(VmExitKind.VmmError, $"I/O thread: {e.Message}")) };
 
-    private void AddVirtio(IVirtioDevice device)
-    {
-        if (Config.VirtioMmio)
-            AddVirtioMmio(device);
-        else
-            AddVirtioPci(_pci!, _msi!, device);
-    }
-
-    /// <summary>
-    /// A virtio-mmio device: 4 KiB at the next slot above <see cref="PlatformLayout.VirtioMmioBase"/>,
-    /// its own ISA IRQ as an irqfd edge, announced with virtio_mmio.device= (virtio 1.2 §4.2;
-    /// Linux's VIRTIO_MMIO_CMDLINE_DEVICES).
-    /// </summary>
-    private void AddVirtioMmio(IVirtioDevice device)
-    {
-        var irqs = PlatformLayout.VirtioMmioIrqs;
-        if (_mmioDevices >= irqs.Length)
-            throw new VmConfigException($"At most {irqs.Length} virtio-mmio devices fit this platform's free IRQs.");
-        ulong address = PlatformLayout.VirtioMmioBase + (ulong)_mmioDevices * VirtioMmioTransport.RegionSize;
-        uint gsi = irqs[_mmioDevices++];
-        var irq = new IrqfdLine(Libc.EventFd(), gsi);
-        _owned.Add(irq);
-        _vmFd.RegisterIrqfd(irq.Fd, gsi);
-        var events = new VirtioQueueEvents(_vmFd, EventLoop, device.QueueCount, _diagnostics);
-        _owned.Add(events);
-        var transport = new VirtioMmioTransport(device, Memory, irq, events);
-        events.Attach(transport);
-        // One QueueNotify register for all queues: the written value is the queue index (virtio 1.2 §4.2.2).
-        events.AssignIoeventfds(address + VirtioMmioTransport.QueueNotifyOffset, stride: 0, width: 4, matchQueueIndex: true);
-        MmioBus.Insert(transport, address, VirtioMmioTransport.RegionSize);
-        _mmioCommandLine += $" virtio_mmio.device=4K@0x{address:x}:{gsi}";
-    }
-
-    private void AddVirtioPci(PciRoot pci, IMsiSink msi, IVirtioDevice device)
-    {
-        ulong bar0 = AllocateBar(VirtioPciTransport.Bar0Size);
-        ulong bar2 = AllocateBar(MsixTable.RegionSize);
-        int slot = _nextSlot++; // 00:00.0 is the host bridge
-        var intx = new KvmLevelLine(_vmFd, (uint)PlatformLayout.PciIntxGsi(slot, 0));
-        var events = new VirtioQueueEvents(_vmFd, EventLoop, device.QueueCount, _diagnostics);
-        _owned.Add(events);
-        var transport = new VirtioPciTransport(device, Memory, msi, intx, events, bar0, bar2);
-        events.Attach(transport);
-        _virtioNotifier!.Track(transport, events); // its ioeventfds follow BAR 0
-        pci.AddDevice(transport, slot);
-    }
-
-    private ulong AllocateBar(ulong size)
-    {
-        ulong address = (_nextBar + size - 1) & ~(size - 1); // BARs are naturally aligned (PCI LB 3.0 §6.2.5.1)
-        if (address + size > PlatformLayout.Pci32WindowStart + PlatformLayout.Pci32WindowSize)
-            throw new VmConfigException("Too many PCI devices for the 32-bit MMIO window.");
-        _nextBar = address + size;
-        return address;
-    }
+    private void AddVirtio(IVirtioDevice device) => _devices.AddVirtio(device, Config.VirtioMmio);
 
     private void TryHost(Action action, string what)
     {
@@ -424,6 +340,8 @@ public sealed class Vm : IDisposable
         using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, ctx => { ctx.Cancel = true; RequestStop(VmExit.Of(VmExitKind.Signal, "SIGTERM", 15)); });
         using var reg = cancel.Register(() => RequestStop(VmExit.Of(VmExitKind.Signal, "cancelled", 15)));
 
+        if (!_lifecycle.Start(_runners.Count))
+            return Finish(); // stopped before it ran
         _input?.Start();
         _eventLoop?.Start();
         foreach (var r in _runners)
@@ -433,16 +351,19 @@ public sealed class Vm : IDisposable
             // vCPU 0 installs the PVM #PF hook when kicked; poll until the guest runs user code, then slowly.
             _pvmPoller = new Timer(_ => { if (!StopRequested) _runners[0].Kick(); }, null, TimeSpan.FromMilliseconds(200), TimeSpan.FromMilliseconds(200));
         }
-        _stopped.Wait(CancellationToken.None);
+        _lifecycle.WaitForStop();
         _pvmPoller?.Dispose();
-        foreach (var r in _runners)
-            r.Kick();
+        KickAll();
         foreach (var r in _runners)
             r.Join();
         _input?.Dispose();
         _eventLoop?.Dispose();
+        return Finish();
+    }
 
-        var exit = _exit;
+    private VmExit Finish()
+    {
+        var exit = _lifecycle.Exit;
         // A panic that the guest turned into a reboot (panic=N) is still a panic.
         if (_panic.Seen && exit.Kind is VmExitKind.GuestReboot or VmExitKind.GuestPowerOff)
             exit = VmExit.Of(VmExitKind.GuestPanic, "guest kernel panicked (\"Kernel panic - not syncing\" on the console), then " + exit.Detail);
@@ -480,18 +401,26 @@ public sealed class Vm : IDisposable
         return (exits, emu, sys, pf);
     }
 
-    /// <summary>Ends the VM with <paramref name="exit"/>; the first request wins. Safe from any thread.</summary>
-    public void RequestStop(VmExit exit)
+    /// <summary>Ends the VM with <paramref name="exit"/>, from any state; the first request wins. Safe from any thread.</summary>
+    public void RequestStop(VmExit exit) => _lifecycle.RequestStop(exit);
+
+    /// <summary>
+    /// Stops the guest: every vCPU leaves KVM_RUN and parks, using no CPU, until <see cref="Resume"/>
+    /// or a stop. Returns once all have parked. Devices and the I/O thread keep serving what is in
+    /// flight. The guest's clock (kvmclock, from the host's) keeps running while paused.
+    /// </summary>
+    /// <exception cref="InvalidOperationException">The VM is not running.</exception>
+    public void Pause() => _lifecycle.Pause();
+
+    /// <summary>Lets the parked vCPUs run again.</summary>
+    /// <exception cref="InvalidOperationException">The VM is not paused.</exception>
+    public void Resume() => _lifecycle.Resume();
+
+    private void KickAll()
     {
-        if (Interlocked.CompareExchange(ref _stopRequested, 1, 0) != 0)
-            return;
-        _exit = exit;
         foreach (var r in _runners)
             r.Kick();
-        _stopped.Set();
     }
-
-    internal void LogUnclaimed(string what, ulong address) => _log.Write($"kvmsharp: unclaimed {what} at 0x{address:x}");
 
     public void Dispose()
     {
@@ -500,18 +429,13 @@ public sealed class Vm : IDisposable
         _eventLoop?.Dispose();
         foreach (var v in _vcpus)
             v.Dispose();
+        _devices.Dispose();
+        _interrupts.Dispose();
         foreach (var o in _owned)
             o.Dispose();
         _vmFd.Dispose();
         Memory.Dispose();
         _kvm.Dispose();
-        _stopped.Dispose();
-    }
-
-    /// <summary>Claims a port range and ignores it (port 0x80 io_delay).</summary>
-    private sealed class NullDevice : IBusDevice
-    {
-        public void Read(ulong offset, Span<byte> data) => data.Fill(0xFF);
-        public void Write(ulong offset, ReadOnlySpan<byte> data) { }
+        _lifecycle.Dispose();
     }
 }

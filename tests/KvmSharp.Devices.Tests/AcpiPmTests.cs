@@ -4,14 +4,16 @@ namespace KvmSharp.Devices.Tests;
 
 public class AcpiPmTests
 {
-    private const ushort Cnt = AcpiPm.DefaultBase + AcpiPm.ControlOffset;
+    // Any base works for the device; these are the platform's (PlatformLayout).
+    private const ushort Base = 0x600;
+    private const ushort Cnt = Base + AcpiPm.ControlOffset;
 
     private static (Bus Bus, AcpiPm Pm, Func<int> Offs) Create()
     {
         int offs = 0;
         var pm = new AcpiPm(() => offs++);
         var bus = new Bus();
-        bus.Insert(pm, AcpiPm.DefaultBase, AcpiPm.PortCount);
+        bus.Insert(pm, Base, AcpiPm.PortCount);
         return (bus, pm, () => offs);
     }
 
@@ -77,25 +79,25 @@ public class AcpiPmTests
     public void Status_is_write_one_to_clear_and_enable_is_read_write()
     {
         var (bus, _, _) = Create();
-        Assert.Equal(0, In16(bus, AcpiPm.DefaultBase));
-        Out16(bus, AcpiPm.DefaultBase, 0xFFFF);  // clears nothing, sets nothing
-        Assert.Equal(0, In16(bus, AcpiPm.DefaultBase));
-        Out16(bus, AcpiPm.DefaultBase + AcpiPm.EnableOffset, 0x0121);
-        Assert.Equal(0x0121, In16(bus, AcpiPm.DefaultBase + AcpiPm.EnableOffset));
+        Assert.Equal(0, In16(bus, Base));
+        Out16(bus, Base, 0xFFFF);  // clears nothing, sets nothing
+        Assert.Equal(0, In16(bus, Base));
+        Out16(bus, Base + AcpiPm.EnableOffset, 0x0121);
+        Assert.Equal(0x0121, In16(bus, Base + AcpiPm.EnableOffset));
         // A 32-bit access covers status and enable (the FADT's 4-byte PM1 event block).
         Span<byte> b = stackalloc byte[4];
-        Assert.True(bus.TryRead(AcpiPm.DefaultBase, b));
+        Assert.True(bus.TryRead(Base, b));
         Assert.Equal(0x0121_0000u, BinaryPrimitives.ReadUInt32LittleEndian(b));
-        Assert.True(bus.TryWrite(AcpiPm.DefaultBase, [0xFF, 0xFF, 0x00, 0x01]));
-        Assert.Equal(0x0100, In16(bus, AcpiPm.DefaultBase + AcpiPm.EnableOffset));
+        Assert.True(bus.TryWrite(Base, [0xFF, 0xFF, 0x00, 0x01]));
+        Assert.Equal(0x0100, In16(bus, Base + AcpiPm.EnableOffset));
     }
 
     [Fact]
     public void Reserved_ports_read_zero_and_ignore_writes()
     {
         var (bus, _, offs) = Create();
-        Assert.True(bus.TryWrite(AcpiPm.DefaultBase + 6, [0xFF, 0xFF]));
-        Assert.Equal(0, In16(bus, AcpiPm.DefaultBase + 6));
+        Assert.True(bus.TryWrite(Base + 6, [0xFF, 0xFF]));
+        Assert.Equal(0, In16(bus, Base + 6));
         Assert.Equal(0, offs());
     }
 
@@ -109,25 +111,27 @@ public class AcpiPmTests
 
 public class ResetControlTests
 {
+    private const ushort ResetPort = 0xCF9; // the platform's (PlatformLayout.ResetRegisterPort)
+
     [Fact]
     public void Rst_cpu_resets_and_sys_rst_alone_does_not()
     {
         int resets = 0;
         var bus = new Bus();
-        bus.Insert(new ResetControl(() => resets++), ResetControl.Port, 1);
+        bus.Insert(new ResetControl(() => resets++), ResetPort, 1);
         // Linux reboot=pci: read, write cf9 | 2, then cf9 | 6 (warm) or cf9 | 0xE (cold).
         Span<byte> b = [0xFF];
-        Assert.True(bus.TryRead(ResetControl.Port, b));
+        Assert.True(bus.TryRead(ResetPort, b));
         Assert.Equal(0, b[0]);
-        Assert.True(bus.TryWrite(ResetControl.Port, [0x02]));
+        Assert.True(bus.TryWrite(ResetPort, [0x02]));
         Assert.Equal(0, resets);
-        Assert.True(bus.TryRead(ResetControl.Port, b));
+        Assert.True(bus.TryRead(ResetPort, b));
         Assert.Equal(0x02, b[0]);
-        Assert.True(bus.TryWrite(ResetControl.Port, [0x06]));   // ACPI RESET_VALUE
+        Assert.True(bus.TryWrite(ResetPort, [0x06]));   // ACPI RESET_VALUE
         Assert.Equal(1, resets);
-        Assert.True(bus.TryWrite(ResetControl.Port, [0x0E]));
+        Assert.True(bus.TryWrite(ResetPort, [0x0E]));
         Assert.Equal(2, resets);
-        Assert.True(bus.TryRead(ResetControl.Port, b));
+        Assert.True(bus.TryRead(ResetPort, b));
         Assert.Equal(0x0A, b[0]);                                // RST_CPU reads 0
     }
 

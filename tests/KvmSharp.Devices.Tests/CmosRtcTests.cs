@@ -307,7 +307,7 @@ public class CmosRtcTests
     public void BusAtPort70_RoutesIndexAndData()
     {
         var bus = new Bus();
-        bus.Insert(new CmosRtc(() => Start, 512 * MiB, 0), PcPorts.Rtc, CmosRtc.PortCount);
+        bus.Insert(new CmosRtc(() => Start, 512 * MiB, 0), 0x70, CmosRtc.PortCount);
         Assert.True(bus.TryWrite(0x70, [RTC_HOURS]));
         Span<byte> b = stackalloc byte[1];
         Assert.True(bus.TryRead(0x71, b));

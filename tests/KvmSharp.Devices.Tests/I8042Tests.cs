@@ -13,9 +13,9 @@ public class I8042Tests
         public Kbc()
         {
             Device = new I8042(() => Resets++);
-            Pio.Insert(Device.DataPort, PcPorts.I8042Data, 1);
-            Pio.Insert(Device.CommandPort, PcPorts.I8042Command, 1);
-            Pio.Insert(new PortB(), PcPorts.PortB, 1);
+            Pio.Insert(Device.DataPort, 0x60, 1);
+            Pio.Insert(Device.CommandPort, 0x64, 1);
+            Pio.Insert(new PortB(), 0x61, 1);
         }
 
         public byte In(ushort port)

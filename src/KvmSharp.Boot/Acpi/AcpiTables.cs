@@ -8,13 +8,13 @@ namespace KvmSharp.Boot.Acpi;
 /// <param name="RamBytes">Guest RAM in bytes, laid out as <see cref="MemoryLayout.RamRanges"/> does; places the 64-bit PCI window.</param>
 public sealed record AcpiConfig(int CpuCount, ulong RamBytes)
 {
-    /// <summary>Describe COM1 (PNP0501: ports 0x3F8–0x3FF, IRQ 4) in the DSDT.</summary>
+    /// <summary>Describe COM1 (PNP0501: <see cref="PlatformLayout.Com1Port"/>, IRQ <see cref="PlatformLayout.Com1Irq"/>) in the DSDT.</summary>
     public bool Com1 { get; init; } = true;
 
-    /// <summary>Describe the i8042 keyboard controller (PNP0303: ports 0x60 and 0x64, IRQ 1) in the DSDT.</summary>
+    /// <summary>Describe the i8042 keyboard controller (PNP0303: <see cref="PlatformLayout.I8042DataPort"/>, <see cref="PlatformLayout.I8042CommandPort"/>, IRQ <see cref="PlatformLayout.I8042Irq"/>) in the DSDT.</summary>
     public bool Keyboard { get; init; } = true;
 
-    /// <summary>Describe the CMOS RTC (PNP0B00: ports 0x70–0x71, IRQ 8) in the DSDT.</summary>
+    /// <summary>Describe the CMOS RTC (PNP0B00: <see cref="PlatformLayout.RtcPort"/>, IRQ <see cref="PlatformLayout.RtcIrq"/>) in the DSDT.</summary>
     public bool Rtc { get; init; } = true;
 }
 
@@ -52,7 +52,7 @@ public sealed record AcpiTableSet(ulong BaseAddress, byte[] Image, IReadOnlyList
 /// <para>The FADT is a full (not hardware-reduced) one: Linux's x86 code expects the legacy PC
 /// devices with it. There is no SMM (SMI_CMD = 0: the system is already in ACPI mode), no PM timer
 /// (optional since ACPI 5.0A; the TSC/kvmclock is the clock), no GPE blocks and no fixed power or
-/// sleep buttons. Reset is RESET_REG = port 0xCF9 ← 0x06.</para>
+/// sleep buttons. Reset is RESET_REG = <see cref="PlatformLayout.ResetRegisterPort"/> ← <see cref="PlatformLayout.ResetValue"/>.</para>
 /// <para>MADT: the in-kernel I/O APIC has id 0, which is what its ID register reads (QEMU, Cloud
 /// Hypervisor and Firecracker use 0 too; I/O APIC and local APIC ids are separate name spaces).
 /// ISA IRQs map identity to GSIs 0–15 — there is deliberately <b>no</b> IRQ 0 → GSI 2 override,
@@ -299,9 +299,9 @@ public static class AcpiTables
         ulong w64 = PlatformLayout.Pci64WindowStart(config.RamBytes);
         var crs = new ResourceTemplate()
             .WordBusNumber(PlatformLayout.EcamStartBus, PlatformLayout.EcamEndBus)
-            .Io(0x0CF8, 0x0CF8, 1, 8)                  // configuration mechanism #1 ports, consumed by the bridge
-            .WordIo(0x0000, 0x0CF7)
-            .WordIo(0x0D00, 0xFFFF)
+            .Io(PlatformLayout.PciConfigIoPort, PlatformLayout.PciConfigIoPort, 1, PlatformLayout.PciConfigIoLength)                  // configuration mechanism #1 ports, consumed by the bridge
+            .WordIo(0x0000, PlatformLayout.PciConfigIoPort - 1)
+            .WordIo(PlatformLayout.PciConfigIoPort + PlatformLayout.PciConfigIoLength, 0xFFFF)
             .DWordMemory((uint)PlatformLayout.Pci32WindowStart, (uint)(PlatformLayout.Pci32WindowStart + PlatformLayout.Pci32WindowSize - 1), cacheable: false)
             .QWordMemory(w64, w64 + PlatformLayout.Pci64WindowSize - 1, cacheable: true);
         a.Name("_CRS").Buffer(crs.ToArray());
@@ -337,21 +337,21 @@ public static class AcpiTables
             a.BeginDevice("COM1");
             a.Name("_HID").EisaId("PNP0501");
             a.Name("_UID").Integer(1);
-            a.Name("_CRS").Buffer(new ResourceTemplate().Io(0x3F8, 0x3F8, 1, 8).IrqNoFlags(4).ToArray());
+            a.Name("_CRS").Buffer(Com1Resources().ToArray());
             a.End();
         }
         if (config.Keyboard)
         {
             a.BeginDevice("KBD");
             a.Name("_HID").EisaId("PNP0303");
-            a.Name("_CRS").Buffer(new ResourceTemplate().Io(0x60, 0x60, 1, 1).Io(0x64, 0x64, 1, 1).IrqNoFlags(1).ToArray());
+            a.Name("_CRS").Buffer(KeyboardResources().ToArray());
             a.End();
         }
         if (config.Rtc)
         {
             a.BeginDevice("RTC");
             a.Name("_HID").EisaId("PNP0B00");
-            a.Name("_CRS").Buffer(new ResourceTemplate().Io(0x70, 0x70, 1, 2).IrqNoFlags(8).ToArray());
+            a.Name("_CRS").Buffer(RtcResources().ToArray());
             a.End();
         }
 
@@ -367,6 +367,20 @@ public static class AcpiTables
         a.End(); // \_SB
         return a.ToArray();
     }
+
+    /// <summary>COM1's _CRS (PNP0501).</summary>
+    internal static ResourceTemplate Com1Resources() => new ResourceTemplate()
+        .Io(PlatformLayout.Com1Port, PlatformLayout.Com1Port, 1, PlatformLayout.Com1PortCount).IrqNoFlags(PlatformLayout.Com1Irq);
+
+    /// <summary>The i8042's _CRS (PNP0303).</summary>
+    internal static ResourceTemplate KeyboardResources() => new ResourceTemplate()
+        .Io(PlatformLayout.I8042DataPort, PlatformLayout.I8042DataPort, 1, 1)
+        .Io(PlatformLayout.I8042CommandPort, PlatformLayout.I8042CommandPort, 1, 1)
+        .IrqNoFlags(PlatformLayout.I8042Irq);
+
+    /// <summary>The CMOS RTC's _CRS (PNP0B00).</summary>
+    internal static ResourceTemplate RtcResources() => new ResourceTemplate()
+        .Io(PlatformLayout.RtcPort, PlatformLayout.RtcPort, 1, PlatformLayout.RtcPortCount).IrqNoFlags(PlatformLayout.RtcIrq);
 
     /// <summary>"C000" … "C0FD": the DSDT name of vCPU <paramref name="index"/>'s processor device.</summary>
     internal static string ProcessorName(int index) => "C" + index.ToString("X3", System.Globalization.CultureInfo.InvariantCulture);

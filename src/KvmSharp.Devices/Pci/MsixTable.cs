@@ -3,16 +3,6 @@ using System.Buffers.Binary;
 namespace KvmSharp.Devices.Pci;
 
 /// <summary>
-/// Where MSI/MSI-X messages go: the VMM implements it (KVM_SIGNAL_MSI, or a GSI route plus an
-/// irqfd per vector). Thread-safe, never blocks.
-/// </summary>
-public interface IMsiSink
-{
-    /// <summary>Delivers one message: the guest-programmed address and data (PCI LB 3.0 §6.8.2.6-8).</summary>
-    void Deliver(ulong address, uint data);
-}
-
-/// <summary>
 /// An MSI-X table and Pending Bit Array (PCI LB 3.0 §6.8.2), as one BAR region: the table at
 /// offset 0 (16 bytes per vector), the PBA at <see cref="PbaOffset"/>. Also owns the capability's
 /// enable and function-mask bits, which the device copies in from configuration space with
@@ -20,11 +10,18 @@ public interface IMsiSink
 /// </summary>
 /// <remarks>
 /// <para>A vector fires with <see cref="Trigger"/>. While MSI-X is enabled and neither the
-/// function nor the vector is masked, the message goes to the <see cref="IMsiSink"/>; while
-/// masked, the vector's pending bit is set instead, and the message is sent when it is unmasked
-/// (§6.8.2.9). Every vector starts masked (§6.8.2.9, "Vector Control").</para>
-/// <para>Threads: table accesses (vCPU threads) and <see cref="Trigger"/> (device threads)
-/// serialise on one lock; <see cref="IMsiSink.Deliver"/> is called after it is released.</para>
+/// function nor the vector is masked, the message is sent; while masked, the vector's pending
+/// bit is set instead, and the message is sent when it is unmasked (§6.8.2.9). Every vector
+/// starts masked (§6.8.2.9, "Vector Control").</para>
+/// <para>Each entry gets its own <see cref="IMsiVector"/> from the sink when there is one. The
+/// table programs it on the vCPU thread that unmasks the entry (or changes an unmasked entry's
+/// message) and then marks the vector live; <see cref="Trigger"/> of a live vector is a volatile
+/// read and <see cref="IMsiVector.Trigger"/> (one eventfd write), with no lock. Entries without a
+/// vector go through <see cref="IMsiSink.Deliver"/> under the old, locked path.</para>
+/// <para>Threads: table accesses (vCPU threads) and the slow path of <see cref="Trigger"/> serialise
+/// on one lock; <see cref="IMsiVector.Program"/> runs under it (lock order: table, then the sink's),
+/// <see cref="IMsiSink.Deliver"/> and <see cref="IMsiVector.Trigger"/> after it is released. A
+/// trigger racing with a mask may still be sent, as if it had come just before the mask.</para>
 /// </remarks>
 public sealed class MsixTable : IBusDevice
 {
@@ -50,10 +47,16 @@ public sealed class MsixTable : IBusDevice
     private readonly IMsiSink _sink;
     private readonly byte[] _table;
     private readonly ulong[] _pending;
+    private readonly IMsiVector?[] _vectors;
+    // The message each vector was last programmed with (valid where _programmed is set).
+    private readonly (ulong Address, uint Data)[] _message;
+    private readonly bool[] _programmed;
+    // 1 while the vector is enabled, unmasked and programmed: Trigger's lock-free test. Written under _lock.
+    private readonly int[] _live;
 
-    // Guards _table, _pending, _enabled, _functionMask.
+    // Guards _table, _pending, _message, _programmed, _functionMask and the writes of _enabled and _live.
     private readonly Lock _lock = new();
-    private bool _enabled;
+    private volatile bool _enabled;
     private bool _functionMask;
 
     /// <summary>Creates a table of <paramref name="vectors"/> entries, all masked.</summary>
@@ -67,18 +70,22 @@ public sealed class MsixTable : IBusDevice
         VectorCount = vectors;
         _table = new byte[vectors * EntrySize];
         _pending = new ulong[(vectors + 63) / 64];
+        _vectors = new IMsiVector?[vectors];
+        _message = new (ulong, uint)[vectors];
+        _programmed = new bool[vectors];
+        _live = new int[vectors];
         for (int v = 0; v < vectors; v++)
+        {
             BinaryPrimitives.WriteUInt32LittleEndian(_table.AsSpan(v * EntrySize + VectorControl), VECTOR_CONTROL_MASK);
+            _vectors[v] = sink.CreateVector();
+        }
     }
 
     /// <summary>Number of vectors.</summary>
     public int VectorCount { get; }
 
     /// <summary>Whether the guest enabled MSI-X (Message Control bit 15).</summary>
-    public bool Enabled
-    {
-        get { lock (_lock) return _enabled; }
-    }
+    public bool Enabled => _enabled;
 
     /// <summary>
     /// Builds the MSI-X capability body (after ID and next pointer) for
@@ -104,6 +111,8 @@ public sealed class MsixTable : IBusDevice
         {
             _enabled = (messageControl & 0x8000) != 0;
             _functionMask = (messageControl & 0x4000) != 0;
+            for (int v = 0; v < VectorCount; v++)
+                UpdateVectorLocked(v);
         }
         DeliverUnmaskedPending();
     }
@@ -112,23 +121,66 @@ public sealed class MsixTable : IBusDevice
     /// <returns>False when MSI-X is disabled (the caller falls back to INTx).</returns>
     public bool Trigger(int vector)
     {
-        ulong address;
-        uint data;
+        if (!_enabled)
+            return false;
+        if ((uint)vector >= (uint)VectorCount)
+            return true;
+        if (Volatile.Read(ref _live[vector]) != 0)
+        {
+            _vectors[vector]!.Trigger();
+            return true;
+        }
+        return TriggerSlow(vector);
+    }
+
+    /// <summary>A vector that is masked, or has no <see cref="IMsiVector"/>: decided under the lock.</summary>
+    private bool TriggerSlow(int vector)
+    {
+        ulong address = 0;
+        uint data = 0;
+        bool live;
         lock (_lock)
         {
             if (!_enabled)
                 return false;
-            if ((uint)vector >= (uint)VectorCount)
-                return true;
             if (_functionMask || MaskedLocked(vector))
             {
                 _pending[vector / 64] |= 1UL << (vector % 64);
                 return true;
             }
-            (address, data) = MessageLocked(vector);
+            live = _live[vector] != 0; // it may have become live since the lock-free test
+            if (!live)
+                (address, data) = MessageLocked(vector);
         }
-        _sink.Deliver(address, data);
+        if (live)
+            _vectors[vector]!.Trigger();
+        else
+            _sink.Deliver(address, data);
         return true;
+    }
+
+    /// <summary>
+    /// After a change of the enable, function-mask, vector-mask bits or a message: (re)programs the
+    /// vector's route when it is deliverable with a new message, and publishes whether it is live.
+    /// </summary>
+    private void UpdateVectorLocked(int vector)
+    {
+        var v = _vectors[vector];
+        if (v is null)
+            return;
+        if (!_enabled || _functionMask || MaskedLocked(vector))
+        {
+            Volatile.Write(ref _live[vector], 0);
+            return;
+        }
+        var message = MessageLocked(vector);
+        if (!_programmed[vector] || _message[vector] != message)
+        {
+            v.Program(message.Address, message.Data);
+            _message[vector] = message;
+            _programmed[vector] = true;
+        }
+        Volatile.Write(ref _live[vector], 1);
     }
 
     /// <inheritdoc/>
@@ -161,7 +213,13 @@ public sealed class MsixTable : IBusDevice
         if ((data.Length != 4 && data.Length != 8) || offset % (ulong)data.Length != 0 || offset >= (ulong)_table.Length)
             return; // the PBA is read-only
         lock (_lock)
+        {
             data.CopyTo(_table.AsSpan((int)offset));
+            int first = (int)offset / EntrySize;
+            int last = ((int)offset + data.Length - 1) / EntrySize;
+            for (int v = first; v <= last; v++)
+                UpdateVectorLocked(v);
+        }
         // A Vector Control write may have unmasked a pending vector.
         DeliverUnmaskedPending();
     }
@@ -173,6 +231,7 @@ public sealed class MsixTable : IBusDevice
         {
             ulong address;
             uint data;
+            bool live;
             lock (_lock)
             {
                 if (!_enabled || _functionMask)
@@ -181,9 +240,13 @@ public sealed class MsixTable : IBusDevice
                 if ((_pending[vector / 64] & bit) == 0 || MaskedLocked(vector))
                     continue;
                 _pending[vector / 64] &= ~bit;
+                live = _live[vector] != 0;
                 (address, data) = MessageLocked(vector);
             }
-            _sink.Deliver(address, data);
+            if (live)
+                _vectors[vector]!.Trigger();
+            else
+                _sink.Deliver(address, data);
         }
     }
 

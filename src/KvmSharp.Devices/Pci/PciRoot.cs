@@ -60,10 +60,7 @@ public sealed class PciRoot
     /// <summary>ECAM bytes per bus: 32 devices × 8 functions × 4 KiB.</summary>
     public const ulong EcamBusSize = 1UL << 20;
 
-    /// <summary>Ports of configuration mechanism #1: CONFIG_ADDRESS (4) and CONFIG_DATA (4).</summary>
-    public const ushort ConfigIoBase = 0xCF8;
-
-    /// <summary>Length to insert <see cref="ConfigIo"/> with.</summary>
+    /// <summary>Length to insert <see cref="ConfigIo"/> with: CONFIG_ADDRESS (4) and CONFIG_DATA (4).</summary>
     public const int ConfigIoLength = 8;
 
     private const uint CONFIG_ADDRESS_ENABLE = 0x8000_0000;
@@ -95,7 +92,7 @@ public sealed class PciRoot
         Ecam = new EcamRegion(this);
     }
 
-    /// <summary>Mechanism #1 ports; insert on the port I/O bus at <see cref="ConfigIoBase"/>,
+    /// <summary>Mechanism #1 ports; insert on the port I/O bus at 0xCF8 (PCI LB 3.0 §3.2.2.3.2),
     /// length <see cref="ConfigIoLength"/>.</summary>
     public IBusDevice ConfigIo { get; }
 

@@ -49,6 +49,7 @@ public static class KvmConstants
     public const uint KVM_IOEVENTFD_FLAG_PIO = 1 << 1;
     public const uint KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2;
     public const uint KVM_IRQFD_FLAG_DEASSIGN = 1 << 0;
+    public const uint KVM_IRQFD_FLAG_RESAMPLE = 1 << 1;
 
     public const uint KVM_IRQ_ROUTING_IRQCHIP = 1;
     public const uint KVM_IRQ_ROUTING_MSI = 2;

@@ -53,7 +53,7 @@ public class PciTests
     public PciTests()
     {
         _root = new PciRoot(_mmio, _pio, _observer);
-        _pio.Insert(_root.ConfigIo, PciRoot.ConfigIoBase, PciRoot.ConfigIoLength);
+        _pio.Insert(_root.ConfigIo, 0xCF8, PciRoot.ConfigIoLength);
         _mmio.Insert(_root.Ecam, 0xB000_0000, PciRoot.EcamBusSize);
     }
 

@@ -1,7 +1,7 @@
 using KvmSharp.Devices;
 using KvmSharp.Interop;
 
-namespace KvmSharp.Vmm;
+namespace KvmSharp.Vmm.Interrupts;
 
 /// <summary>An interrupt line backed by a KVM irqfd: a write to the eventfd injects an edge on the GSI.</summary>
 internal sealed class IrqfdLine : IInterruptLine, IDisposable
