@@ -98,11 +98,7 @@ public sealed unsafe class EventLoop : IDisposable
         }
     }
 
-    /// <summary>
-    /// Changes the events watched on <paramref name="fd"/>. 0 takes the fd off epoll until changed
-    /// again (not even a hang-up is reported then, which level-triggered would repeat endlessly);
-    /// the handler stays registered, so a pending <see cref="EventResult.Later"/> call still comes.
-    /// </summary>
+    /// <summary>Changes the events watched on <paramref name="fd"/> (0: none until changed again).</summary>
     public void Modify(int fd, uint events)
     {
         lock (_lock)
@@ -110,12 +106,8 @@ public sealed unsafe class EventLoop : IDisposable
             if (_disposed || Find(fd) is not { } source)
                 return;
             var ev = new Libc.EpollEvent { events = events, data = source.Token };
-            int op = events == 0 ? Libc.EPOLL_CTL_DEL : source.Watching ? Libc.EPOLL_CTL_MOD : Libc.EPOLL_CTL_ADD;
-            if (events == 0 && !source.Watching)
-                return;
-            if (Libc.epoll_ctl(_epoll.Fd, op, fd, &ev) != 0)
-                Libc.ThrowNative("epoll_ctl", Libc.LastErrno);
-            source.Watching = events != 0;
+            if (Libc.epoll_ctl(_epoll.Fd, Libc.EPOLL_CTL_MOD, fd, &ev) != 0)
+                Libc.ThrowNative("epoll_ctl(MOD)", Libc.LastErrno);
         }
     }
 
@@ -126,8 +118,7 @@ public sealed unsafe class EventLoop : IDisposable
         {
             if (_disposed || Find(fd) is not { } source)
                 return;
-            if (source.Watching)
-                Libc.epoll_ctl(_epoll.Fd, Libc.EPOLL_CTL_DEL, fd, null);
+            Libc.epoll_ctl(_epoll.Fd, Libc.EPOLL_CTL_DEL, fd, null);
             source.Removed = true;
             var sources = (Source?[])_sources.Clone();
             sources[Array.IndexOf(_sources, source)] = null;
@@ -290,8 +281,6 @@ public sealed unsafe class EventLoop : IDisposable
         public bool Queued { get; set; }
 
         public long Due { get; set; }
-
-        public bool Watching { get; set; } = true; // under the loop's _lock: on epoll
 
         public volatile bool Removed;
     }

@@ -187,34 +187,6 @@ public sealed class EventLoopTests : IDisposable
     }
 
     [Fact]
-    public void Modify_ToNoEvents_KeepsTheHandler_ForItsLaterRetry()
-    {
-        // Console back-pressure: stdin off epoll while the device is full, the retry still comes.
-        int fd = NewEventFd();
-        int calls = 0;
-        using var done = new ManualResetEventSlim();
-        _loop.Add(fd, Libc.EPOLLIN, new Handler(e =>
-        {
-            int n = Interlocked.Increment(ref calls);
-            if (n == 1)
-            {
-                _loop.Modify(fd, 0); // not read: level-triggered, it would be reported again
-                return EventResult.Later;
-            }
-            Assert.Equal(0u, e);
-            _loop.Modify(fd, Libc.EPOLLIN);
-            Libc.EventFdRead(fd);
-            done.Set();
-            return EventResult.Done;
-        }));
-        _loop.Start();
-        Libc.EventFdWrite(fd);
-        Assert.True(done.Wait(Wait, TestContext.Current.CancellationToken));
-        Thread.Sleep(20);
-        Assert.Equal(2, Volatile.Read(ref calls));
-    }
-
-    [Fact]
     public void HandlerException_EndsTheLoopThroughOnError()
     {
         int fd = NewEventFd();

@@ -113,7 +113,6 @@ internal sealed class ConsoleInput : IEventHandler, IDisposable
         {
             if (_polled)
             {
-                // Off epoll entirely (Modify 0), not just EPOLLIN: a hang-up would still be reported, and spin.
                 _paused = true;
                 _loop.Modify(_fd, 0);
             }
