@@ -26,8 +26,8 @@ public sealed partial class PauseResumeTests(ITestOutputHelper output)
     // Skipped, not passed: in the nested host this in-process test never finishes (killed after 6 and 15
     // minutes) although every wait in it is bounded, so something unbounded blocks: most likely Vm.Pause
     // waiting for a vCPU that never parks (a kick that does not get it out of KVM_RUN). Cause not found yet;
-    // see helpers/machine-report.md. The lifecycle logic is covered by VmLifecycleTests.
-    private const string OpenBug = "open bug: never finishes in the nested host (suspected: Vm.Pause waits for a vCPU that does not leave KVM_RUN); see helpers/machine-report.md";
+    // issue 9 (kvmsharp issues), next step: a Pause timeout naming the vCPUs that did not park. The lifecycle logic is covered by VmLifecycleTests.
+    private const string OpenBug = "open bug: never finishes in the nested host (suspected: Vm.Pause waits for a vCPU that does not leave KVM_RUN); issue 9 (kvmsharp issues), next step: a Pause timeout naming the vCPUs that did not park";
 
     [Fact(Skip = OpenBug)]
     public void PausedGuestUsesNoCpuAndResumesWithItsClockRunning()
