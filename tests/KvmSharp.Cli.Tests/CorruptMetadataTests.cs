@@ -10,13 +10,7 @@ namespace KvmSharp.Cli.Tests;
 /// </summary>
 public class CorruptMetadataTests
 {
-    private static (int Code, string Out, string Err) Img(params string[] args)
-    {
-        var o = new StringWriter();
-        var e = new StringWriter();
-        int rc = ImgCommand.Run(args, o, e);
-        return (rc, o.ToString(), e.ToString());
-    }
+    private static (int Code, string Out, string Err) Img(params string[] args) => ImgInProcess.Run(args);
 
     /// <summary>Each case: image options, and how one L2 entry or the snapshot table is damaged.</summary>
     public static TheoryData<string> Cases => new()

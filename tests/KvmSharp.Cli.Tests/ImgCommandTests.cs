@@ -7,13 +7,7 @@ namespace KvmSharp.Cli.Tests;
 /// <summary>`img` subcommands against qemu-img: same results, same field names, same exit codes.</summary>
 public class ImgCommandTests
 {
-    private static (int Code, string Out, string Err) Img(params string[] args)
-    {
-        var o = new StringWriter();
-        var e = new StringWriter();
-        int rc = ImgCommand.Run(args, o, e);
-        return (rc, o.ToString(), e.ToString());
-    }
+    private static (int Code, string Out, string Err) Img(params string[] args) => ImgInProcess.Run(args);
 
     private static string Ok(params string[] args)
     {

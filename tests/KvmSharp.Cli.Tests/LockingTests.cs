@@ -12,13 +12,7 @@ namespace KvmSharp.Cli.Tests;
 /// </summary>
 public class LockingTests
 {
-    private static (int Code, string Out, string Err) Img(params string[] args)
-    {
-        var o = new StringWriter();
-        var e = new StringWriter();
-        int rc = ImgCommand.Run(args, o, e);
-        return (rc, o.ToString(), e.ToString());
-    }
+    private static (int Code, string Out, string Err) Img(params string[] args) => ImgInProcess.Run(args);
 
     /// <summary>b.qcow2 (data) ← t.qcow2 (data), r.raw.</summary>
     private static TempDir MakeImages()

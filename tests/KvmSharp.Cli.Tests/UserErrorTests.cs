@@ -12,13 +12,7 @@ namespace KvmSharp.Cli.Tests;
 /// </summary>
 public class UserErrorTests
 {
-    private static (int Code, string Out, string Err) Img(params string[] args)
-    {
-        var o = new StringWriter();
-        var e = new StringWriter();
-        int rc = ImgCommand.Run(args, o, e);
-        return (rc, o.ToString(), e.ToString());
-    }
+    private static (int Code, string Out, string Err) Img(params string[] args) => ImgInProcess.Run(args);
 
     /// <summary>x.qcow2 (data, hard link xlink.qcow2, symbolic link xsym.qcow2), b.qcow2 ← t.qcow2, r.raw (data).</summary>
     private static TempDir MakeImages()
